@@ -1,0 +1,42 @@
+"""convfuse: fold BatchNorm into the convolutions and linear layers beside it, and prove the
+fused model computes what the original computed before anything is saved."""
+
+from convfuse.errors import (
+    CheckFailed,
+    ConvfuseError,
+    InputError,
+    LoadError,
+    SaveError,
+    StrictError,
+    TrainingModeError,
+    UnsafeFileError,
+    UsageError,
+    VerificationError,
+)
+from convfuse.fuse import FuseResult, fuse
+from convfuse.report import FusedPair, FuseReport
+from convfuse.patterns import Reason, Skipped
+from convfuse.verify import Verification
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckFailed",
+    "ConvfuseError",
+    "FuseReport",
+    "FuseResult",
+    "FusedPair",
+    "InputError",
+    "LoadError",
+    "Reason",
+    "SaveError",
+    "Skipped",
+    "StrictError",
+    "TrainingModeError",
+    "UnsafeFileError",
+    "UsageError",
+    "Verification",
+    "VerificationError",
+    "__version__",
+    "fuse",
+]

@@ -1,0 +1,313 @@
+"""The fusion pass: trace -> match -> check -> fold -> rewrite, and the ``fuse`` API around it.
+
+This is the only module that changes a model. It rewrites the user's own module tree: the
+producer gets the folded weight and bias (written into its existing parameters), and the
+BatchNorm is replaced by ``nn.Identity`` (or, for a norm that also activates, by what its
+forward does after normalising). The model keeps its class, names and methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convfuse import verify as verification
+from convfuse.errors import TrainingModeError, UsageError, VerificationError
+from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
+from convfuse.patterns import (
+    Facts,
+    Match,
+    Observation,
+    Reason,
+    Skipped,
+    find_matches,
+    is_norm,
+    is_producer,
+    overrides_forward,
+    skip_reason,
+)
+from convfuse.report import Count, FusedPair, FuseReport
+from convfuse.tracing import trace_model
+
+__all__ = ["FuseResult", "fuse", "fuse_pass"]
+
+
+@dataclass
+class FuseResult:
+    """The fused model (the user's class) and the report of what was done."""
+
+    model: nn.Module
+    report: FuseReport
+
+
+def fuse(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    inplace: bool = False,
+) -> FuseResult:
+    """Fold every BatchNorm that can be folded exactly into the conv/linear layer beside it.
+
+    Args:
+        model: an ``nn.Module`` in eval mode.
+        example_inputs: inputs of one forward call: a tensor, a tuple of positional arguments,
+            or a dict of keyword arguments. Without them, inputs are inferred from the first
+            layer (its channels or features). Used to verify the result and to learn shapes.
+        verify: compare the fused model's outputs with the original's and raise if they differ.
+        atol, rtol: tolerances for verification, relative to each output's largest magnitude;
+            by default they are derived from the model's own rounding error.
+        inplace: fuse ``model`` itself (saves memory) rather than a copy. With ``inplace`` a
+            failed verification leaves the model fused; without it ``model`` is never touched.
+
+    Returns:
+        FuseResult with ``.model`` (same class as ``model``) and ``.report``.
+
+    Raises:
+        TrainingModeError: the model is in training mode.
+        InputError: verification needs inputs and none could be built, or the model rejected them.
+        VerificationError: the fused model's outputs differ (``.report`` says where).
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"convfuse.fuse expects a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise TrainingModeError(
+            f"{type(model).__name__} is in training mode, where BatchNorm normalises with batch "
+            "statistics and folding would change what it computes; call model.eval() first "
+            "(on the command line: --eval)"
+        )
+    timings: dict[str, float] = {}
+    with _timed(timings, "copy"):
+        if not inplace:
+            model = copy.deepcopy(model)
+    if not inplace:
+        timings.pop("copy")
+    user_tolerance = atol is not None or rtol is not None
+    with _timed(timings, "reference"):
+        if verify:
+            reference = verification.record_reference(model, example_inputs, truth=not user_tolerance)
+            observation: Observation | None = reference.observation
+        else:
+            observation = verification.observe(model, example_inputs)
+    report = fuse_pass(model, observation, timings)
+    if not verify:
+        return FuseResult(model, report)
+    with _timed(timings, "verify"):
+        report.verification = verification.compare(model, reference, atol=atol, rtol=rtol)
+    if not report.verification.passed:
+        raise VerificationError(f"verification failed: {report.verification.message}", report)
+    return FuseResult(model, report)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _count_norms(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if is_norm(m))
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fuse_pass(model: nn.Module, observation: Observation | None, timings: dict[str, float] | None = None) -> FuseReport:
+    """Trace, match, check, fold and rewrite ``model`` in place; verification is the caller's.
+
+    ``observation`` (calls and input shapes from a real forward pass) lets the checks see
+    what tracing cannot: a module called again from untraced code, a Linear's input rank.
+    """
+    timings = {} if timings is None else timings
+    report = FuseReport(
+        norm_layers=Count(_count_norms(model), 0),
+        parameters=Count(_count_parameters(model), 0),
+    )
+    with _timed(timings, "trace"):
+        tracing = trace_model(model, keep=lambda m: is_norm(m) or is_producer(m))
+    with _timed(timings, "fold"):
+        matches, unmatched = find_matches(tracing.graphs, model)
+        facts = Facts.gather(model, tracing.graphs, observation)
+        fused, rejected = _fold_all(matches, facts)
+    report.fused = fused
+    report.untraced = tracing.untraced
+    report.skipped = _left_unfused(model, facts, fused, rejected + unmatched, tracing.untraced)
+    report.norm_layers = Count(report.norm_layers.before, _count_norms(model))
+    report.parameters = Count(report.parameters.before, _count_parameters(model))
+    report.timings = timings
+    return report
+
+
+def _fold_all(matches: list[Match], facts: Facts) -> tuple[list[FusedPair], list[Skipped]]:
+    """Fold each norm into its first candidate that passes every check.
+
+    Norms that follow their producer are folded first, then norms that precede a conv, so a
+    conv that absorbs both composes them in the order the model applies them.
+    """
+    candidates: dict[str, list[Match]] = {}
+    for match in matches:
+        candidates.setdefault(match.norm, []).append(match)
+    fused: dict[str, FusedPair] = {}
+    first_reason: dict[str, Skipped] = {}
+    for norm_first in (False, True):
+        for norm_name, options in candidates.items():
+            if norm_name in fused:
+                continue
+            for match in options:
+                if match.norm_first != norm_first:
+                    continue
+                outcome = _try_fold(match, facts)
+                if outcome is None:
+                    fused[norm_name] = FusedPair(match.producer, match.norm, match.kind)
+                    break
+                first_reason.setdefault(norm_name, outcome)
+    rejected = [skip for name, skip in first_reason.items() if name not in fused]
+    order = {m.norm: i for i, m in enumerate(matches)}
+    return sorted(fused.values(), key=lambda pair: order[pair.norm]), rejected
+
+
+def _try_fold(match: Match, facts: Facts) -> Skipped | None:
+    """Fold one pair into the model, or say why not (the model is then unchanged)."""
+    reason = skip_reason(match, facts)
+    if reason is not None:
+        return Skipped(match.norm, match.producer, reason)
+    producer, norm = facts.modules[match.producer], facts.modules[match.norm]
+    norm_custom = overrides_forward(norm, match.pattern.norm)
+    producer_custom = overrides_forward(producer, match.pattern.producer)
+    try:
+        fold = analyse_norm(norm, norm_custom)
+    except NormNotFoldable as error:
+        return Skipped(match.norm, match.producer, Reason.NORM_FORWARD, str(error))
+    if match.norm_first and not fold.normalises_only:
+        return Skipped(match.norm, match.producer, Reason.NORM_DOES_MORE_BEFORE)
+    weight, bias = _folded_weights(match, producer, fold)
+    if (norm_custom or producer_custom) and not _proven(match, facts, fold, weight, bias):
+        return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
+    _write(producer, weight, bias)
+    _replace(facts, match.norm, fold.remainder)
+    return None
+
+
+def _folded_weights(match: Match, producer: nn.Module, fold: NormFold) -> tuple[Tensor, Tensor]:
+    stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
+    groups = getattr(producer, "groups", 1)
+    if match.norm_first:
+        return fuse_bn_conv_weights(producer.weight, producer.bias, *stats, groups=groups)
+    return fuse_conv_bn_weights(
+        producer.weight, producer.bias, *stats, transpose=match.pattern.transpose, groups=groups
+    )
+
+
+def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
+    """Store float64 ``weight``/``bias`` in the producer's own dtype, device and memory layout."""
+    with torch.no_grad():
+        producer.weight.copy_(weight)
+        if producer.bias is None:
+            reference = producer.weight
+            producer.bias = nn.Parameter(
+                bias.to(dtype=reference.dtype, device=reference.device), requires_grad=reference.requires_grad
+            )
+        else:
+            producer.bias.copy_(bias)
+
+
+def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    parent = facts.modules[parent_name] if parent_name else facts.modules[""]
+    setattr(parent, attribute, replacement)
+    facts.modules[name] = replacement
+
+
+def _probe_shape(match: Match, facts: Facts, first: nn.Module) -> tuple[int, ...]:
+    """The shape the first layer of the pair saw in the real run, else a small one that fits it."""
+    first_name = match.norm if match.norm_first else match.producer
+    seen = facts.observation.input_shapes.get(first_name) if facts.observation else None
+    if seen:
+        return seen[0]
+    producer = facts.modules[match.producer]
+    if isinstance(producer, nn.Linear):
+        return (2, producer.in_features)
+    spatial = [16 + d * (k - 1) for d, k in zip(producer.dilation, producer.kernel_size)]
+    return (2, producer.in_channels, *spatial)
+
+
+def _proven(match: Match, facts: Facts, fold: NormFold, weight: Tensor, bias: Tensor) -> bool:
+    """Whether the folded pair computes what the pair computed, on random float64 probes.
+
+    For layers whose forward was overridden: the fold is linear algebra on the layer's
+    parameters, so agreement to float64 precision on random inputs proves the forward uses
+    them the way the base class does (e.g. dynamic 'same' padding passes, weight
+    standardisation does not).
+    """
+    producer, norm = facts.modules[match.producer], facts.modules[match.norm]
+    first = norm if match.norm_first else producer
+    try:
+        original_producer = copy.deepcopy(producer).to(torch.float64)
+        original_norm = copy.deepcopy(norm).to(torch.float64)
+        folded = copy.deepcopy(original_producer)
+        with torch.no_grad():
+            folded.weight.copy_(weight)
+            folded.bias = nn.Parameter(bias.clone())
+        remainder = copy.deepcopy(fold.remainder).to(torch.float64)
+        generator = torch.Generator().manual_seed(0)
+        device = producer.weight.device
+        for _ in range(2):
+            x = torch.randn(_probe_shape(match, facts, first), generator=generator, dtype=torch.float64).to(device)
+            with torch.no_grad():
+                if match.norm_first:
+                    expected, actual = original_producer(original_norm(x)), folded(x)
+                else:
+                    expected, actual = original_norm(original_producer(x)), remainder(folded(x))
+            if expected.shape != actual.shape:
+                return False
+            scale = expected.abs().max().item()
+            if not torch.allclose(actual, expected, rtol=0.0, atol=1e-9 * max(scale, 1e-30)):
+                return False
+    except Exception:  # a layer that cannot run alone or in float64 proves nothing
+        return False
+    return True
+
+
+def _left_unfused(
+    model: nn.Module,
+    facts: Facts,
+    fused: list[FusedPair],
+    skipped: list[Skipped],
+    untraced: list,
+) -> list[Skipped]:
+    """One entry per BatchNorm still in the model: the reason found, else why none was found."""
+    done = {pair.norm for pair in fused}
+    by_norm: dict[str, Skipped] = {}
+    for skip in skipped:
+        if skip.norm not in done:
+            by_norm.setdefault(skip.norm, skip)
+    result = []
+    untraced_names = [u.module for u in untraced]
+    for name, module in model.named_modules():
+        if not is_norm(module) or name in done:
+            continue
+        if name in by_norm:
+            result.append(by_norm[name])
+        elif facts.observation is not None and facts.observation.calls[name] == 0:
+            result.append(Skipped(name, None, Reason.NOT_CALLED))
+        else:
+            owner = next((u for u in untraced_names if u == "(model)" or name.startswith(u + ".")), None)
+            if owner is None:  # traced code never calls it
+                result.append(Skipped(name, None, Reason.NOT_CALLED))
+            else:
+                result.append(Skipped(name, None, Reason.NOT_TRACED, f"called from {owner}"))
+    return result

@@ -1,0 +1,128 @@
+"""The fuse report: what was folded, what was left and why, and how verification went."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from convfuse.patterns import Skipped
+from convfuse.tracing import Untraced
+from convfuse.verify import Verification
+
+__all__ = ["Count", "FusedPair", "FuseReport"]
+
+
+@dataclass(frozen=True)
+class FusedPair:
+    """A BatchNorm folded into the conv/linear ``producer`` beside it."""
+
+    producer: str
+    norm: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Count:
+    before: int
+    after: int
+
+
+@dataclass
+class FuseReport:
+    """Everything a user or a CI script needs to know about one fuse; ``to_dict`` is the JSON."""
+
+    fused: list[FusedPair] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    verification: Verification = field(default_factory=Verification.skipped)
+    norm_layers: Count = Count(0, 0)
+    parameters: Count = Count(0, 0)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report of DESIGN.md (plus ``timings`` in seconds)."""
+        return {
+            "fused": [asdict(pair) for pair in self.fused],
+            "skipped": [
+                {"norm": s.norm, "producer": s.producer, "reason": s.reason, **({"detail": s.detail} if s.detail else {})}
+                for s in self.skipped
+            ],
+            "untraced": [asdict(u) for u in self.untraced],
+            "verification": self.verification.to_dict(),
+            "norm_layers": asdict(self.norm_layers),
+            "parameters": asdict(self.parameters),
+            "timings": {name: round(seconds, 4) for name, seconds in self.timings.items()},
+        }
+
+    def summary(self) -> str:
+        """One line for the end of a log: what was fused and whether it verified."""
+        n = self.norm_layers.before
+        text = f"fused {len(self.fused)} of {n} BatchNorm layer{'s' if n != 1 else ''}"
+        if self.norm_layers.after:
+            text += f", {self.norm_layers.after} left"
+        v = self.verification
+        if v.passed is None:
+            text += ", not verified"
+        elif v.passed:
+            text += f", verified (max error {v.max_rel_error:.2g} of output scale)"
+        else:
+            text += ", VERIFICATION FAILED"
+        return text
+
+    def to_table(self) -> Group:
+        """The human report as rich renderables: fused pairs, skipped norms, untraced modules, totals."""
+        parts: list[Any] = []
+        if self.fused:
+            table = Table(title=f"Fused ({len(self.fused)})", title_justify="left")
+            table.add_column("producer")
+            table.add_column("norm")
+            table.add_column("kind")
+            for pair in self.fused:
+                table.add_row(pair.producer, pair.norm, pair.kind)
+            parts.append(table)
+        if self.skipped:
+            table = Table(title=f"Left unfused ({len(self.skipped)})", title_justify="left")
+            table.add_column("norm")
+            table.add_column("producer")
+            table.add_column("reason")
+            for s in self.skipped:
+                reason = f"{s.reason} ({s.detail})" if s.detail else s.reason
+                table.add_row(s.norm, s.producer or "-", reason)
+            parts.append(table)
+        if self.untraced:
+            table = Table(title="Not traceable with torch.fx (their children were traced on their own)", title_justify="left")
+            table.add_column("module")
+            table.add_column("reason")
+            for u in self.untraced:
+                table.add_row(u.module, u.reason)
+            parts.append(table)
+        totals = Table(show_header=True, title="Totals", title_justify="left")
+        totals.add_column("")
+        totals.add_column("before", justify="right")
+        totals.add_column("after", justify="right")
+        totals.add_row("BatchNorm layers", str(self.norm_layers.before), str(self.norm_layers.after))
+        totals.add_row("parameters", f"{self.parameters.before:,}", f"{self.parameters.after:,}")
+        parts.append(totals)
+        parts.append(_verification_text(self.verification))
+        if self.timings:
+            timing = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
+            parts.append(Text(f"Time: {timing}", style="dim"))
+        return Group(*parts)
+
+
+def _verification_text(v: Verification) -> Text:
+    if v.passed is None:
+        return Text(f"Verification: skipped ({v.message})", style="yellow")
+    if not v.passed:
+        return Text(f"Verification: FAILED: {v.message}", style="bold red")
+    allowed = f"rtol {v.rtol:.2g}" + (f", atol {v.atol:.2g}" if v.atol else "")
+    return Text(
+        f"Verification: passed on {v.batches} batch{'es' if v.batches != 1 else ''}: "
+        f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
+        f"(allowed {allowed}; rule: {v.rule})",
+        style="green",
+    )

@@ -1,0 +1,128 @@
+"""torch.fx graphs of a model: the whole model where it traces, its largest traceable parts where not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["TracedGraph", "Tracing", "Untraced", "trace_model"]
+
+
+@dataclass(frozen=True)
+class TracedGraph:
+    """The graph of one module's forward; node targets are relative to ``prefix``."""
+
+    prefix: str
+    root: nn.Module
+    graph: fx.Graph
+
+    def qualified(self, target: str) -> str:
+        """The name, from the model's root, of a ``call_module``/``get_attr`` target."""
+        return f"{self.prefix}.{target}" if self.prefix else target
+
+
+@dataclass(frozen=True)
+class Untraced:
+    """A module whose own forward torch.fx could not trace: pairs inside it are found in its children."""
+
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tracing:
+    graphs: list[TracedGraph]
+    untraced: list[Untraced]
+
+
+class _Tracer(fx.Tracer):
+    """An fx tracer that keeps ``keep`` modules (and any named in ``opaque``) as call_module
+    leaves, and remembers the innermost module whose forward raised."""
+
+    def __init__(self, keep: Callable[[nn.Module], bool], opaque: set[str]) -> None:
+        super().__init__()
+        # Reads of buffers (running_mean, ...) become get_attr nodes, not baked-in constants,
+        # so that a forward reading a BatchNorm's statistics directly is seen.
+        self.proxy_buffer_attributes = True
+        self._keep = keep
+        self._opaque = opaque
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            self._keep(m)
+            or module_qualified_name in self._opaque
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the exception first
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _has_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
+def trace_model(model: nn.Module, keep: Callable[[nn.Module], bool]) -> Tracing:
+    """Trace ``model`` with torch.fx, falling back to its parts where the whole does not trace.
+
+    Modules for which ``keep(module)`` is true stay single ``call_module`` nodes. When a
+    child's forward fails to trace inside its parent, the child becomes a leaf of the parent's
+    graph and is traced on its own; when a module's own forward fails, each of its children is
+    traced on its own. Never raises for a tracing failure: the module and the reason are
+    returned in ``Tracing.untraced``.
+    """
+    graphs: list[TracedGraph] = []
+    untraced: list[Untraced] = []
+    _trace_part(model, "", keep, graphs, untraced)
+    return Tracing(graphs, untraced)
+
+
+def _trace_part(
+    module: nn.Module,
+    prefix: str,
+    keep: Callable[[nn.Module], bool],
+    graphs: list[TracedGraph],
+    untraced: list[Untraced],
+) -> None:
+    if keep(module) or not _has_forward(module):
+        # A leaf layer needs no graph; a container without forward (ModuleList) holds parts.
+        if not keep(module):
+            for name, child in module.named_children():
+                _trace_part(child, _join(prefix, name), keep, graphs, untraced)
+        return
+    opaque: set[str] = set()
+    while True:
+        tracer = _Tracer(keep, opaque)
+        try:
+            graph = tracer.trace(module)
+            break
+        except Exception as error:  # any failure only limits what is found
+            failed = tracer.failed_in
+            if failed is None or failed in opaque or failed == "":
+                untraced.append(Untraced(prefix or "(model)", _describe(error)))
+                for name, child in module.named_children():
+                    _trace_part(child, _join(prefix, name), keep, graphs, untraced)
+                return
+            opaque.add(failed)
+    graphs.append(TracedGraph(prefix, module, graph))
+    for name in sorted(opaque):
+        _trace_part(module.get_submodule(name), _join(prefix, name), keep, graphs, untraced)
