@@ -16,7 +16,8 @@ from convfuse.errors import (
 from convfuse.fuse import FuseResult, fuse
 from convfuse.report import FusedPair, FuseReport
 from convfuse.patterns import Reason, Skipped
-from convfuse.verify import Verification
+from convfuse.serialization import load, save
+from convfuse.verify import InputSpec, Verification
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "FuseResult",
     "FusedPair",
     "InputError",
+    "InputSpec",
     "LoadError",
     "Reason",
     "SaveError",
@@ -39,4 +41,6 @@ __all__ = [
     "VerificationError",
     "__version__",
     "fuse",
+    "load",
+    "save",
 ]

@@ -46,6 +46,8 @@ class FuseResult:
 
     model: nn.Module
     report: FuseReport
+    example_inputs: verification.Batch | None = None
+    """The (args, kwargs) the model was verified on first; None where no inputs were available."""
 
 
 def fuse(
@@ -87,26 +89,23 @@ def fuse(
             "(on the command line: --eval)"
         )
     timings: dict[str, float] = {}
-    with _timed(timings, "copy"):
-        if not inplace:
-            model = copy.deepcopy(model)
     if not inplace:
-        timings.pop("copy")
+        with _timed(timings, "copy"):
+            model = copy.deepcopy(model)
     user_tolerance = atol is not None or rtol is not None
     with _timed(timings, "reference"):
         if verify:
             reference = verification.record_reference(model, example_inputs, truth=not user_tolerance)
-            observation: Observation | None = reference.observation
+            batch, observation = reference.batches[0], reference.observation
         else:
-            observation = verification.observe(model, example_inputs)
+            batch, observation = verification.observe(model, example_inputs)
     report = fuse_pass(model, observation, timings)
-    if not verify:
-        return FuseResult(model, report)
-    with _timed(timings, "verify"):
-        report.verification = verification.compare(model, reference, atol=atol, rtol=rtol)
-    if not report.verification.passed:
-        raise VerificationError(f"verification failed: {report.verification.message}", report)
-    return FuseResult(model, report)
+    if verify:
+        with _timed(timings, "verify"):
+            report.verification = verification.compare(model, reference, atol=atol, rtol=rtol)
+        if not report.verification.passed:
+            raise VerificationError(f"verification failed: {report.verification.message}", report)
+    return FuseResult(model, report, batch)
 
 
 @contextmanager

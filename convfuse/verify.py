@@ -29,6 +29,7 @@ from convfuse.patterns import Observation
 __all__ = [
     "NOISE_FACTOR",
     "Batch",
+    "InputSpec",
     "Reference",
     "Tolerance",
     "Verification",
@@ -112,6 +113,15 @@ class Reference:
 
 
 # -- inputs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Example inputs described rather than given: random tensors of ``shapes`` (one per
+    positional argument; None: inferred from the first layer) in ``dtype`` (None: the model's)."""
+
+    shapes: tuple[tuple[int, ...], ...] | None = None
+    dtype: torch.dtype | None = None
 
 
 def as_batch(example: Any) -> Batch:
@@ -240,9 +250,13 @@ def _observing(model: nn.Module, observation: Observation) -> Iterator[None]:
 
 
 def _candidate_batches(model: nn.Module, example_inputs: Any) -> list[Batch]:
-    if example_inputs is not None:
+    spec = example_inputs if isinstance(example_inputs, InputSpec) else None
+    if spec is not None and spec.shapes:
+        return [(inputs_from_shapes(model, list(spec.shapes), spec.dtype), {})]
+    if example_inputs is not None and spec is None:
         return [as_batch(example_inputs)]
-    return [(inputs_from_shapes(model, [shape]), {}) for shape in _inferred_shapes(model)]
+    dtype = spec.dtype if spec is not None else None
+    return [(inputs_from_shapes(model, [shape], dtype), {}) for shape in _inferred_shapes(model)]
 
 
 def _first_run(model: nn.Module, example_inputs: Any) -> tuple[Batch, Any, Observation]:
@@ -262,9 +276,10 @@ def _first_run(model: nn.Module, example_inputs: Any) -> tuple[Batch, Any, Obser
             return batch, output, observation
         except Exception as error:  # the model rejects this input; try the next candidate
             failures.append((batch, error))
-    if example_inputs is not None:
+    if example_inputs is not None and not (isinstance(example_inputs, InputSpec) and not example_inputs.shapes):
         error = failures[0][1]
-        raise InputError(f"the model raised {type(error).__name__} on the example inputs: {_first_line(error)}")
+        given = "the example inputs" if not isinstance(example_inputs, InputSpec) else "inputs of the given shapes"
+        raise InputError(f"the model raised {type(error).__name__} on {given}: {_first_line(error)}")
     tried = ", ".join(str(tuple(b[0][0].shape)) for b, _ in failures)
     raise InputError(
         f"cannot infer the input shape of {type(model).__name__}: it rejected {tried} "
@@ -279,13 +294,14 @@ def _first_line(error: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def observe(model: nn.Module, example_inputs: Any) -> Observation | None:
-    """Calls and input shapes of one forward pass, or None where no input can be built."""
+def observe(model: nn.Module, example_inputs: Any) -> tuple[Batch | None, Observation | None]:
+    """The inputs and what one forward pass on them showed; (None, None) where no input
+    the model accepts can be built."""
     try:
-        _, _, observation = _first_run(model, example_inputs)
+        batch, _, observation = _first_run(model, example_inputs)
     except InputError:
-        return None
-    return observation
+        return None, None
+    return batch, observation
 
 
 @contextmanager

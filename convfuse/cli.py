@@ -1,0 +1,323 @@
+"""The ``convfuse`` command: parse, call the library, render the report, map errors to exit codes.
+
+Exit codes (DESIGN.md): 0 success (also "nothing to fuse"); 1 the model failed a check
+(verification or --strict), nothing written; 2 the user must fix something, nothing written.
+The report goes to stdout, errors and warnings to stderr; colour and spinners only on a
+terminal (NO_COLOR is honoured); the last line of stdout is always a one-line summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from convfuse import __version__
+from convfuse.errors import CheckFailed, ConvfuseError, StrictError, TrainingModeError, UsageError
+from convfuse.report import FuseReport
+
+app = typer.Typer(
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        typer.echo(f"convfuse {__version__} (torch {torch.__version__})")
+        raise typer.Exit(0)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``'1,3,224,224'`` (or ``1x3x224x224``) as a tuple of positive ints; UsageError otherwise."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r}: expected positive integers separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+@app.command(no_args_is_help=True)
+def convfuse(
+    input: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Model file: torch.save of a whole model or of a state_dict (with --arch), "
+            "a TorchScript archive, or an ExportedProgram (.pt2). Omit it with --arch to fuse "
+            "a freshly built architecture (a demo).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Where to write the fused model.", show_default=False)
+    ] = None,
+    input_shape: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--input-shape",
+            metavar="SHAPE",
+            help="Shape of a positional input, e.g. 1,3,224,224; repeat for several inputs. "
+            "Default: inferred from the first layer.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="dtype of the generated inputs (float32, float16, bfloat16, float64). Default: the model's.",
+                     show_default=False),
+    ] = None,
+    atol: Annotated[
+        Optional[float], typer.Option(help="Absolute tolerance for verification. Default: from the model's own rounding error.",
+                                      show_default=False)
+    ] = None,
+    rtol: Annotated[
+        Optional[float],
+        typer.Option(help="Tolerance relative to each output's largest magnitude. Default: from the model's own rounding error.",
+                     show_default=False),
+    ] = None,
+    report: Annotated[
+        Optional[Path], typer.Option("--report", metavar="PATH.json", help="Write the JSON report here.", show_default=False)
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Analyse and verify; write no model.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) when any BatchNorm is left unfused.")] = False,
+    arch: Annotated[
+        Optional[str],
+        typer.Option(help="Architecture for a state_dict: a torchvision model name (resnet50) or package.module:factory.",
+                     show_default=False),
+    ] = None,
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Load an arbitrary pickle; this runs code from the file. Only for files you trust.")
+    ] = False,
+    format: Annotated[
+        Optional[str],
+        typer.Option("--format", help="Output format: pickle, torchscript or exported. Default: the input's (.pt2 output: exported).",
+                     show_default=False),
+    ] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification (the report says so).")] = False,
+    eval_mode: Annotated[
+        bool, typer.Option("--eval", help="Put a model saved in training mode into eval mode before fusing.")
+    ] = False,
+    overwrite_input: Annotated[
+        bool, typer.Option("--overwrite-input", help="Allow OUTPUT to be the INPUT file (it is replaced atomically).")
+    ] = False,
+    device: Annotated[
+        Optional[str], typer.Option(help="Run on this device, e.g. cuda (default: cpu).", show_default=False)
+    ] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the one-line summary.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
+) -> None:
+    """Fold BatchNorm into the conv/linear layers beside it, verify the outputs, and save.
+
+    Exit codes: 0 success (also nothing to fuse); 1 the model failed a check (verification or
+    --strict), nothing written; 2 a problem to fix (usage, unreadable or unsafe input,
+    unwritable output), nothing written.
+    """
+    out = _console(sys.stdout)
+    err = _console(sys.stderr)
+    try:
+        _main(locals(), out, err)
+    except CheckFailed as error:
+        err.print(f"convfuse: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except ConvfuseError as error:
+        err.print(f"convfuse: error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("convfuse: interrupted; nothing written", markup=False)
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # a bug of ours: say so plainly, no traceback unless asked
+        if os.environ.get("CONVFUSE_DEBUG"):
+            raise
+        err.print(
+            f"convfuse: internal error: {type(error).__name__}: {error}. This is a bug in convfuse; "
+            "please report it (set CONVFUSE_DEBUG=1 for the traceback).",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(3) from None
+
+
+def _console(stream: Any) -> Console:
+    console = Console(file=stream, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    return console
+
+
+def _main(options: dict[str, Any], out: Console, err: Console) -> None:
+    import torch
+
+    from convfuse import serialization
+    from convfuse.fuse import fuse
+    from convfuse.verify import InputSpec
+
+    source: Path | None = options["input"]
+    target: Path | None = options["output"]
+    quiet: bool = options["quiet"]
+    if source is None and options["arch"] is None:
+        raise UsageError("give a model file, or --arch NAME to fuse a freshly built architecture")
+    if target is None and not options["dry_run"]:
+        raise UsageError("give the output file with -o/--output (or --dry-run to write nothing)")
+    shapes = tuple(parse_shape(s) for s in options["input_shape"] or ())
+    dtype = _dtype(options["dtype"])
+    output_format = options["format"]
+    if output_format is not None and output_format not in serialization.FORMATS:
+        raise UsageError(f"--format {output_format}: use one of {', '.join(serialization.FORMATS)}")
+    for name in ("atol", "rtol"):
+        if options[name] is not None and options[name] < 0:
+            raise UsageError(f"--{name} must not be negative")
+    if target is not None and not options["dry_run"]:
+        if source is not None and _same_file(source, target) and not options["overwrite_input"]:
+            raise UsageError(f"{target}: is the input file; choose another output, or pass --overwrite-input")
+        serialization.check_writable(target)
+    if options["report"] is not None:
+        serialization.check_writable(options["report"])
+
+    timings: dict[str, float] = {}
+    with _status(out, quiet, "Loading the model"), _timed(timings, "load"):
+        if source is None:
+            model = serialization.build_arch(options["arch"])
+            input_format = "pickle"
+        else:
+            input_format = serialization.detect_format(source)
+            model = serialization.load(source, arch=options["arch"], trust=options["trust"])
+    if options["device"]:
+        model = _to_device(model, options["device"])
+    if getattr(model, "training", False):
+        if not options["eval_mode"]:
+            raise TrainingModeError(
+                f"the model in {source} was saved in training mode, where BatchNorm uses batch statistics; "
+                "pass --eval to fuse it in eval mode (the output is saved in eval mode)"
+            )
+        model.eval()
+
+    example = InputSpec(shapes or None, dtype)
+    report: FuseReport | None = None
+    try:
+        with _status(out, quiet, "Tracing, fusing and verifying"):
+            result = fuse(
+                model, example, verify=not options["no_verify"], atol=options["atol"], rtol=options["rtol"], inplace=True
+            )
+        report = result.report
+        if options["strict"] and report.norm_layers.after:
+            raise StrictError(
+                f"--strict: {report.norm_layers.after} BatchNorm layer(s) left unfused (see the report); nothing written",
+                report,
+            )
+        written = None
+        if not options["dry_run"]:
+            assert target is not None
+            with _status(out, quiet, f"Saving {target}"), _timed(timings, "save"):
+                serialization.save(
+                    result.model, target, format=output_format or _default_format(input_format, target),
+                    example_inputs=result.example_inputs,
+                )
+            written = target
+    except CheckFailed as error:
+        report = error.report
+        if report is not None:
+            _finish(out, report, timings, options, quiet, None, failed=True)
+        raise
+    _finish(out, report, timings, options, quiet, written, failed=False)
+
+
+def _finish(
+    out: Console, report: FuseReport, timings: dict[str, float], options: dict[str, Any], quiet: bool,
+    written: Path | None, *, failed: bool
+) -> None:
+    report.timings = {"load": timings["load"], **report.timings, **({"save": timings["save"]} if "save" in timings else {})}
+    if options["report"] is not None:
+        from convfuse.serialization import write_text
+
+        write_text(options["report"], json.dumps(report.to_dict(), indent=2) + "\n")
+    if not quiet:
+        out.print(report.to_table())
+    summary = f"convfuse: {report.summary()}"
+    if written is not None:
+        summary += f"; wrote {written}"
+    elif failed:
+        summary += "; nothing written"
+    elif options["dry_run"]:
+        summary += "; dry run, nothing written"
+    out.print(summary, markup=False, highlight=False, soft_wrap=True)
+
+
+def _default_format(input_format: str, target: Path) -> str:
+    if target.suffix == ".pt2":
+        return "exported"
+    return input_format
+
+
+def _dtype(text: str | None) -> Any:
+    if text is None:
+        return None
+    import torch
+
+    name = _DTYPES.get(text.lower().removeprefix("torch."))
+    if name is None:
+        raise UsageError(f"--dtype {text}: use one of float32, float16, bfloat16, float64")
+    return getattr(torch, name)
+
+
+def _to_device(model: Any, device: str) -> Any:
+    import torch
+
+    try:
+        return model.to(torch.device(device))
+    except (RuntimeError, AssertionError, AttributeError) as error:
+        raise UsageError(f"--device {device}: {error}") from error
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def _status(console: Console, quiet: bool, text: str) -> Any:
+    if quiet or not console.is_terminal:
+        return nullcontext()
+    return console.status(text)
+
+
+def main() -> None:
+    """Entry point of the ``convfuse`` script and ``python -m convfuse``."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
+    app(prog_name="convfuse")

@@ -1,0 +1,536 @@
+"""Loading and saving models: format detection by content, the safe-loading policy, atomic writes.
+
+Safe loading (DESIGN.md, Security): a pickle is read with torch's weights-only unpickler,
+whose allowlist is extended with exactly the classes the file names that are ``nn.Module``
+subclasses (and ``functools.partial``, which builds without calling anything). Before
+anything is unpickled, the file's opcodes are scanned: every class or function it references
+must be one of those or one torch allows by default, and no module class may be *called*
+(only created empty and filled with state, as ``torch.save`` does), since a constructor run
+with arguments chosen by the file could do anything. Modules named by the file are imported to
+see what they hold, except the standard library, which holds no model classes.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import difflib
+import functools
+import importlib
+import inspect
+import io
+import os
+import pickletools
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError
+
+__all__ = ["FORMATS", "build_arch", "check_writable", "detect_format", "load", "save", "write_text"]
+
+FORMATS = ("pickle", "torchscript", "exported")
+
+_INERT = {"functools.partial": functools.partial}
+"""Non-module globals admitted: they build objects without calling anything from the file."""
+
+_GRAPH_MODULE = ("torch.fx.graph_module.reduce_graph_module", "torch.fx.graph_module.reduce_package_graph_module",
+                 "torch.fx.graph_module._deserialize_graph_module")
+
+_TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
+
+
+# -- format detection -------------------------------------------------------------------
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'pickle', 'torchscript' or 'exported', read from the file's content; LoadError if none."""
+    path = _existing_file(Path(path))
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise LoadError(f"{path}: the archive is damaged ({error}); is the file complete?") from error
+        if any(name.endswith("/archive_format") or "/models/" in name for name in names):
+            return "exported"
+        if any("/code/" in name for name in names) or any(name.endswith("constants.pkl") for name in names):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in names):
+            return "pickle"
+        raise LoadError(f"{path}: a zip archive, but not one written by torch.save, torch.jit.save or torch.export.save")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        raise LoadError(f"{path}: the archive is truncated or damaged; is the file complete?")
+    if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
+        return "pickle"
+    raise LoadError(f"{path}: not a PyTorch model file (expected torch.save, torch.jit.save or torch.export.save output)")
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise LoadError(f"{path}: is a directory, not a model file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise LoadError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if size == 0:
+        raise LoadError(f"{path}: the file is empty")
+    return path
+
+
+# -- the pickle scan --------------------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    """The globals a pickle references, and those it calls (REDUCE) rather than just names."""
+
+    referenced: set[str] = field(default_factory=set)
+    called: set[str] = field(default_factory=set)
+
+
+_MARK = object()
+
+
+def _scan_pickle(data: io.BufferedIOBase | io.BytesIO, scan: _Scan) -> None:
+    """Symbolically run one pickle's stack to see which global each REDUCE calls."""
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name in ("GLOBAL", "INST"):
+            full = _python3_name(*arg.split(" ", 1))
+            scan.referenced.add(full)
+            stack.append(("global", full))
+        elif name == "STACK_GLOBAL":
+            qualname, module = stack.pop(), stack.pop()
+            full = f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else "?"
+            scan.referenced.add(full)
+            stack.append(("global", full))
+        elif name in ("REDUCE", "NEWOBJ"):
+            stack.pop()
+            func = stack.pop()
+            if name == "REDUCE" and isinstance(func, tuple) and func[0] == "global":
+                scan.called.add(func[1])
+            stack.append(None)
+        elif name == "NEWOBJ_EX":
+            stack.pop(), stack.pop()
+            stack[-1] = None
+        elif name in ("MARK",):
+            stack.append(_MARK)
+        elif name in ("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ"):
+            _pop_mark(stack)
+            stack.append(None)
+        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
+            _pop_mark(stack)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            count = int(name[-1])
+            del stack[len(stack) - count :]
+            stack.append(None)
+        elif name in ("APPEND", "BUILD", "POP", "BINPERSID", "PERSID"):
+            stack.pop()
+            if name in ("BINPERSID", "PERSID"):
+                stack.append(None)
+            if name == "PERSID":
+                stack.pop()
+        elif name == "SETITEM":
+            stack.pop(), stack.pop()
+        elif name == "POP_MARK":
+            _pop_mark(stack)
+        elif name == "DUP":
+            stack.append(stack[-1])
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(int(arg)))
+        elif name in ("PROTO", "FRAME", "STOP"):
+            continue
+        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            stack.append(arg)
+        else:  # every other opcode pushes one plain value
+            stack.append(None)
+    if stack and stack[-1] is _MARK:  # pragma: no cover - malformed pickle
+        raise LoadError("malformed pickle")
+
+
+def _python3_name(module: str, name: str) -> str:
+    """The Python 3 name of a protocol-2 global, mapped as pickle (and torch) map it."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _pop_mark(stack: list[Any]) -> None:
+    while stack:
+        if stack.pop() is _MARK:
+            return
+
+
+def _scan_file(path: Path) -> _Scan:
+    scan = _Scan()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                _scan_pickle(io.BytesIO(archive.read(data_name)), scan)
+        else:
+            with open(path, "rb") as f:
+                # torch.save's legacy format: magic number, protocol, system info, the object.
+                for _ in range(4):
+                    _scan_pickle(f, scan)
+    except LoadError:
+        raise
+    except Exception as error:
+        raise LoadError(f"{path}: the file is damaged or truncated ({type(error).__name__}: {error})") from error
+    return scan
+
+
+def _resolve(full: str) -> Any:
+    """The object a pickle global names, importing its module unless it is the standard library."""
+    parts = full.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name, attributes = ".".join(parts[:split]), parts[split:]
+        top = module_name.split(".")[0]
+        if module_name in sys.modules:
+            module = sys.modules[module_name]
+        elif top in sys.stdlib_module_names or top == "__main__":
+            continue
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        obj: Any = module
+        try:
+            for attribute in attributes:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            continue
+        return obj
+    return None
+
+
+def _admitted_globals(path: Path, scan: _Scan) -> list[tuple[Any, str]]:
+    """The allowlist for this file, or UnsafeFileError naming the first global refused."""
+    from torch import _weights_only_unpickler as unpickler
+
+    torch_allowed = unpickler._get_allowed_globals()
+    admitted: list[tuple[Any, str]] = []
+    for full in sorted(scan.referenced):
+        if full in torch_allowed:
+            continue
+        if full in _GRAPH_MODULE:
+            raise UnsafeFileError(
+                f"{path}: refused to load: the file holds a torch.fx GraphModule, whose forward code "
+                f"is stored in the file and would be executed on load; {_TRUST_HINT}"
+            )
+        if full in _INERT:
+            admitted.append((_INERT[full], full))
+            continue
+        obj = _resolve(full)
+        is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+        if obj is None and full.split(".")[0] not in sys.stdlib_module_names and not full.startswith("builtins."):
+            raise LoadError(
+                f"{path}: the model's class {full} cannot be imported; make its module importable "
+                "(install the package or set PYTHONPATH) and try again"
+                + (" (classes defined in a script's __main__ cannot be found: move them into a module)"
+                   if full.startswith("__main__.") else "")
+            )
+        if not is_module_class:
+            raise UnsafeFileError(
+                f"{path}: refused to load: the file references {full}, which is not a torch.nn.Module "
+                f"class, so loading it could run code; {_TRUST_HINT}"
+            )
+        if full in scan.called:
+            raise UnsafeFileError(
+                f"{path}: refused to load: the file calls the constructor of {full} with arguments "
+                f"stored in the file (torch.save never does), which could run code; {_TRUST_HINT}"
+            )
+        admitted.append((obj, full))
+    return admitted
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    trust: bool = False,
+    map_location: str | torch.device | None = "cpu",
+) -> nn.Module:
+    """Load a model the way the command line does.
+
+    Args:
+        path: a ``torch.save`` file of a whole module or of a state_dict (the latter needs
+            ``arch``), a TorchScript archive, or an ExportedProgram (``.pt2``).
+        arch: for a state_dict: a torchvision model name (``resnet50``) or
+            ``package.module:factory``.
+        trust: load an arbitrary pickle with torch's full unpickler (runs code from the file).
+        map_location: where tensors are loaded (default: the CPU).
+
+    Raises:
+        LoadError: the file is missing, damaged, holds no model, or does not fit ``arch``.
+        UnsafeFileError: the pickle references something other than module classes.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "torchscript":
+        try:
+            return torch.jit.load(str(path), map_location=map_location)
+        except Exception as error:
+            raise LoadError(f"{path}: the TorchScript archive cannot be loaded ({_first_line(error)})") from error
+    if fmt == "exported":
+        from convfuse.exported import load_exported
+
+        return load_exported(path)
+    obj = _load_pickle(path, trust=trust, map_location=map_location)
+    return _as_module(path, obj, arch)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
+
+
+def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
+    if trust:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as error:
+            raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {_first_line(error)})") from error
+    admitted = _admitted_globals(path, _scan_file(path))
+    try:
+        with torch.serialization.safe_globals(admitted):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        text = str(error)
+        match = _UNSUPPORTED_GLOBAL.search(text)
+        if match:  # something the scan could not see (e.g. a newer pickle protocol)
+            raise UnsafeFileError(
+                f"{path}: refused to load: the file references {match.group(1)}; {_TRUST_HINT}"
+            ) from error
+        if "Only persistent_load of storage" in text:
+            raise LoadError(
+                f"{path}: a whole model in torch.save's legacy (pre-1.6) format, which torch's "
+                f"weights-only loader cannot read; re-save it with a current torch.save, or {_TRUST_HINT}"
+            ) from error
+        raise LoadError(
+            f"{path}: cannot be loaded safely ({type(error).__name__}: {_first_line(error)}); "
+            f"if the file is damaged, re-save it; if it uses pickle features torch's weights-only "
+            f"loader does not support, {_TRUST_HINT}"
+        ) from error
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+
+
+def _as_module(path: Path, obj: Any, arch: str | None) -> nn.Module:
+    """The model a loaded object holds: itself, or ``arch`` filled with its state_dict."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], nn.Module) and arch is None:
+                return obj[key]
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            if arch is None:
+                raise UsageError(
+                    f"{path}: holds a state_dict (weights without the architecture); name the "
+                    "architecture with --arch, e.g. --arch resnet50 or --arch mypackage.models:build"
+                )
+            return _fill(path, build_arch(arch), obj, arch)
+        raise LoadError(f"{path}: holds a {type(obj).__name__} that is neither a model nor a state_dict")
+    if isinstance(obj, nn.Module):
+        if arch is not None:
+            raise UsageError(f"{path}: holds a whole model; --arch is only for state_dict files")
+        return obj
+    raise LoadError(f"{path}: holds a {type(obj).__name__}, not a model")
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _fill(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
+    state = _strip_prefixes(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key{'s' if len(missing) > 1 else ''} ({_some(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key{'s' if len(unexpected) > 1 else ''} ({_some(unexpected)})")
+    if mismatched:
+        problems.append(f"size mismatch: {_some(mismatched)}")
+    if problems:
+        raise LoadError(f"{path}: the state_dict does not fit --arch {arch}: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _some(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
+
+
+def build_arch(spec: str) -> nn.Module:
+    """A fresh model, in eval mode, from a torchvision name or ``package.module:factory``."""
+    if ":" in spec:
+        module_name, _, factory_name = spec.partition(":")
+        try:
+            factory: Any = importlib.import_module(module_name)
+            for attribute in factory_name.split("."):
+                factory = getattr(factory, attribute)
+        except (ImportError, AttributeError) as error:
+            raise UsageError(f"--arch {spec}: cannot find {factory_name} in module {module_name} ({error})") from error
+        try:
+            model = factory()
+        except Exception as error:
+            raise UsageError(f"--arch {spec}: calling {factory_name}() raised {type(error).__name__}: {error}") from error
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"--arch {spec}: {factory_name}() returned a {type(model).__name__}, not an nn.Module")
+        return model.eval()
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(
+            f"--arch {spec}: not a torchvision model name (see torchvision.models.list_models()) "
+            f"nor package.module:factory{hint}"
+        )
+    builder = torchvision.models.get_model_builder(spec)
+    kwargs: dict[str, Any] = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # never download
+    return builder(**kwargs).eval()
+
+
+# -- saving -----------------------------------------------------------------------------
+
+
+def _output_format(path: Path, fmt: str | None) -> str:
+    if fmt is None:
+        return "exported" if path.suffix == ".pt2" else "pickle"
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """SaveError now, rather than after fusing, if ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaveError(f"{path}: is a directory; give a file name for the output")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SaveError(f"{path}: cannot be written (no write permission in {ancestor})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SaveError(f"{path}: cannot be written (the existing file is read-only)")
+
+
+def save(model: Any, path: str | os.PathLike[str], *, format: str | None = None, example_inputs: Any = None) -> None:
+    """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
+
+    ``format`` is 'pickle' (``torch.save`` of the whole module), 'torchscript' or 'exported'
+    (default: 'exported' for a ``.pt2`` name, else 'pickle'); the last two may need
+    ``example_inputs`` to trace the model. Nothing is left behind on failure.
+
+    Raises:
+        SaveError: the folder cannot be created or written, or the model cannot be serialised.
+    """
+    path = Path(path)
+    fmt = _output_format(path, format)
+    _atomic_write(path, lambda f: _write(model, f, fmt, example_inputs), f"as {fmt}")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` atomically (for reports); SaveError if it cannot be written."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()), "")
+
+
+def _atomic_write(path: Path, write: Any, what: str) -> None:
+    check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as error:
+        raise SaveError(f"{path}: cannot be written ({error.strerror or error})") from error
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, (SaveError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise SaveError(f"{path}: cannot be written {what} ({type(error).__name__}: {_first_line(error)})".replace("  ", " ")) from error
+
+
+def _write(model: Any, f: Any, fmt: str, example_inputs: Any) -> None:
+    if fmt == "pickle":
+        torch.save(model, f)
+    elif fmt == "torchscript":
+        scripted = model if isinstance(model, torch.jit.ScriptModule) else _to_torchscript(model, example_inputs)
+        torch.jit.save(scripted, f)
+    else:
+        from convfuse.exported import to_exported
+
+        torch.export.save(to_exported(model, example_inputs), f)
+
+
+def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.script(model)
+    except Exception as script_error:
+        if example_inputs is None:
+            raise SaveError(
+                f"the model cannot be scripted ({_first_line(script_error)}); give --input-shape so it can be traced"
+            ) from script_error
+        from convfuse.verify import as_batch
+
+        args, kwargs = as_batch(example_inputs)
+        if kwargs:
+            raise SaveError("TorchScript tracing takes positional inputs only") from script_error
+        return torch.jit.trace(model, args)
