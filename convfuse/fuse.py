@@ -80,6 +80,14 @@ def fuse(
         InputError: verification needs inputs and none could be built, or the model rejected them.
         VerificationError: the fused model's outputs differ (``.report`` says where).
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        from convfuse.exported import fuse_exported
+
+        return fuse_exported(model, example_inputs, verify=verify, atol=atol, rtol=rtol)
+    if isinstance(model, torch.jit.ScriptModule):
+        from convfuse.scripted import fuse_scripted
+
+        return fuse_scripted(model, example_inputs, verify=verify, atol=atol, rtol=rtol, inplace=inplace)
     if not isinstance(model, nn.Module):
         raise UsageError(f"convfuse.fuse expects a torch.nn.Module, got {type(model).__name__}")
     if model.training:
