@@ -208,6 +208,8 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
         else:
             input_format = serialization.detect_format(source)
             model = serialization.load(source, arch=options["arch"], trust=options["trust"])
+    if target is not None and not options["dry_run"]:
+        serialization.check_format(model, output_format or _default_format(input_format, target))
     if options["device"]:
         model = _to_device(model, options["device"])
     if getattr(model, "training", False):
@@ -290,6 +292,10 @@ def _to_device(model: Any, device: str) -> Any:
     import torch
 
     try:
+        if isinstance(model, torch.export.ExportedProgram):
+            from torch.export.passes import move_to_device_pass
+
+            return move_to_device_pass(model, torch.device(device))
         return model.to(torch.device(device))
     except (RuntimeError, AssertionError, AttributeError) as error:
         raise UsageError(f"--device {device}: {error}") from error

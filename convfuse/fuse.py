@@ -35,7 +35,7 @@ from convfuse.patterns import (
     skip_reason,
 )
 from convfuse.report import Count, FusedPair, FuseReport
-from convfuse.tracing import trace_model
+from convfuse.tracing import Tracing, trace_model
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
 
@@ -101,19 +101,49 @@ def fuse(
         with _timed(timings, "copy"):
             model = copy.deepcopy(model)
     user_tolerance = atol is not None or rtol is not None
+    with _timed(timings, "trace"):
+        tracing = _trace(model)
     with _timed(timings, "reference"):
         if verify:
-            reference = verification.record_reference(model, example_inputs, truth=not user_tolerance)
+            reference = verification.record_reference(
+                model, example_inputs, truth=not user_tolerance, probes=_probe_candidates(tracing)
+            )
             batch, observation = reference.batches[0], reference.observation
         else:
             batch, observation = verification.observe(model, example_inputs)
-    report = fuse_pass(model, observation, timings)
+    report = fuse_pass(model, observation, timings, tracing=tracing)
     if verify:
         with _timed(timings, "verify"):
-            report.verification = verification.compare(model, reference, atol=atol, rtol=rtol)
+            report.verification = verification.compare(
+                model, reference, atol=atol, rtol=rtol, probes=_probes_holding(tracing, report.fused)
+            )
         if not report.verification.passed:
             raise VerificationError(f"verification failed: {report.verification.message}", report)
     return FuseResult(model, report, batch)
+
+
+def _trace(model: nn.Module) -> Tracing:
+    return trace_model(model, keep=lambda m: is_norm(m) or is_producer(m))
+
+
+def _probe_candidates(tracing: Tracing) -> list[str]:
+    """Root modules of the traced parts below the model's root: their outputs are continuous
+    tensors even where the model's final outputs (after NMS, top-k) are not."""
+    return [traced.prefix for traced in tracing.graphs if traced.prefix]
+
+
+def _probes_holding(tracing: Tracing, fused: list[FusedPair]) -> list[str] | None:
+    """The probes that hold the fused pairs, or None where some pair lies in the root's graph."""
+    folded = {pair.norm for pair in fused}
+    probes, covered = [], set()
+    for traced in tracing.graphs:
+        inside = {traced.qualified(n.target) for n in traced.graph.nodes if n.op == "call_module"} & folded
+        if inside and not traced.prefix:
+            return None
+        if inside:
+            probes.append(traced.prefix)
+            covered |= inside
+    return probes if covered == folded and probes else None
 
 
 @contextmanager
@@ -133,19 +163,27 @@ def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fuse_pass(model: nn.Module, observation: Observation | None, timings: dict[str, float] | None = None) -> FuseReport:
+def fuse_pass(
+    model: nn.Module,
+    observation: Observation | None,
+    timings: dict[str, float] | None = None,
+    *,
+    tracing: Tracing | None = None,
+) -> FuseReport:
     """Trace, match, check, fold and rewrite ``model`` in place; verification is the caller's.
 
     ``observation`` (calls and input shapes from a real forward pass) lets the checks see
     what tracing cannot: a module called again from untraced code, a Linear's input rank.
+    ``tracing``: the model's graphs where the caller traced it already.
     """
     timings = {} if timings is None else timings
     report = FuseReport(
         norm_layers=Count(_count_norms(model), 0),
         parameters=Count(_count_parameters(model), 0),
     )
-    with _timed(timings, "trace"):
-        tracing = trace_model(model, keep=lambda m: is_norm(m) or is_producer(m))
+    if tracing is None:
+        with _timed(timings, "trace"):
+            tracing = _trace(model)
     with _timed(timings, "fold"):
         matches, unmatched = find_matches(tracing.graphs, model)
         facts = Facts.gather(model, tracing.graphs, observation)

@@ -128,6 +128,9 @@ class Reason:
     NORM_DOES_MORE_BEFORE = "the norm does more than normalise before the next layer (e.g. an activation)"
     NORM_FORWARD = "the norm subclass's forward could not be reduced to one BatchNorm"
     NOT_PROVEN = "the subclass overrides forward and the fold could not be proven on probe inputs"
+    # Graph formats (ExportedProgram, TorchScript), where the pair is a pair of ops:
+    COMPUTED_WEIGHT = "a weight or statistic of the pair is computed in the graph, not stored"
+    IN_SUBGRAPH = "it runs inside a control-flow branch (torch.cond, torch.map), which is not rewritten"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from torch import nn
 
 from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError
 
-__all__ = ["FORMATS", "build_arch", "check_writable", "detect_format", "load", "save", "write_text"]
+__all__ = ["FORMATS", "build_arch", "check_format", "check_writable", "detect_format", "load", "save", "write_text"]
 
 FORMATS = ("pickle", "torchscript", "exported")
 
@@ -301,7 +301,7 @@ def load(
     if fmt == "exported":
         from convfuse.exported import load_exported
 
-        return load_exported(path)
+        return load_exported(path, trust=trust)
     obj = _load_pickle(path, trust=trust, map_location=map_location)
     return _as_module(path, obj, arch)
 
@@ -508,7 +508,22 @@ def _atomic_write(path: Path, write: Any, what: str) -> None:
         raise SaveError(f"{path}: cannot be written {what} ({type(error).__name__}: {_first_line(error)})".replace("  ", " ")) from error
 
 
+def check_format(model: Any, fmt: str) -> None:
+    """SaveError now, rather than after fusing, if ``model`` cannot be written as ``fmt``."""
+    if isinstance(model, torch.export.ExportedProgram) and fmt != "exported":
+        raise SaveError(
+            f"an ExportedProgram cannot be written as {fmt} (it is not a Python module); "
+            "write it as an ExportedProgram (--format exported, or a .pt2 output name)"
+        )
+    if isinstance(model, torch.jit.ScriptModule) and fmt != "torchscript":
+        raise SaveError(
+            f"a TorchScript model cannot be written as {fmt} (torch.save and torch.export do not take "
+            "TorchScript); write it as TorchScript (--format torchscript)"
+        )
+
+
 def _write(model: Any, f: Any, fmt: str, example_inputs: Any) -> None:
+    check_format(model, fmt)
     if fmt == "pickle":
         torch.save(model, f)
     elif fmt == "torchscript":
@@ -528,9 +543,9 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
             raise SaveError(
                 f"the model cannot be scripted ({_first_line(script_error)}); give --input-shape so it can be traced"
             ) from script_error
-        from convfuse.verify import as_batch
+        from convfuse.exported import as_call
 
-        args, kwargs = as_batch(example_inputs)
+        args, kwargs = as_call(example_inputs)
         if kwargs:
             raise SaveError("TorchScript tracing takes positional inputs only") from script_error
         return torch.jit.trace(model, args)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,8 +95,26 @@ def trace_model(model: nn.Module, keep: Callable[[nn.Module], bool]) -> Tracing:
     """
     graphs: list[TracedGraph] = []
     untraced: list[Untraced] = []
-    _trace_part(model, "", keep, graphs, untraced)
+    with _attributes_restored(model):
+        _trace_part(model, "", keep, graphs, untraced)
     return Tracing(graphs, untraced)
+
+
+@contextmanager
+def _attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Put every module's attributes back after tracing: forward code that caches values on
+    the module (torchvision's MultiScaleRoIAlign keeps its scales) would otherwise keep proxies."""
+    saved = []
+    for module in {id(m): m for m in model.modules()}.values():
+        state = {key: copy.copy(value) if type(value) in (list, dict, set) else value
+                 for key, value in module.__dict__.items()}
+        saved.append((module, state))
+    try:
+        yield
+    finally:
+        for module, state in saved:
+            module.__dict__.clear()
+            module.__dict__.update(state)
 
 
 def _trace_part(

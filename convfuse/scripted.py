@@ -1,0 +1,328 @@
+"""TorchScript (``torch.jit.save`` archives): fold BatchNorm into the convolution before it in a
+frozen copy of the module, one call site at a time, with convfuse's float64 math.
+
+Why freeze rather than rewrite the module tree: in TorchScript, modules of the same class and
+configuration share one type and one compiled ``forward``, so a graph edit made for one instance
+applies to all of them, and a conv module called twice has one weight for both calls. PyTorch's
+own module-level pass (``torch._C._jit_pass_fold_convbn``) runs into exactly this: it folds a
+shared conv with whichever BatchNorm came last and silently changes the output; it also skips
+transposed convolutions and computes in the weights' dtype. Freezing (``torch.jit.freeze``
+without its numerics-changing optimisations) inlines every call into one graph whose weights are
+constants, so each call site gets its own folded constants: shared modules, padding modes (a
+separate ``aten::pad`` before the conv) and transposed convolutions all fold correctly.
+
+The price: the result is a frozen module. Its weights are graph constants (no parameters or
+state_dict, no ``.to()``, no training), attributes that ``forward`` does not use are gone, and
+only ``forward`` and the model's other compiled methods are kept. Where nothing can be folded the
+model is returned as it was.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from convfuse import verify as verification
+from convfuse.errors import InputError, TrainingModeError, VerificationError
+from convfuse.folding import fuse_conv_bn_weights
+from convfuse.fuse import FuseResult
+from convfuse.patterns import Reason, Skipped
+from convfuse.report import Count, FusedPair, FuseReport
+
+__all__ = ["fuse_scripted"]
+
+_CONVS = {"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution", "aten::convolution"}
+_TRANSPOSED_CONVS = {"aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"}
+_SHAPE_ONLY = {"aten::dim", "aten::size", "prim::shape"}
+"""Uses of a conv's output that read only its shape, which folding does not change (BatchNorm's
+own input-rank check)."""
+
+_NORM = "aten::batch_norm"
+_CONV_CLASSES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3}
+_SPATIAL = {1: [(256,), (64,)], 2: [(224, 224), (32, 32), (64, 64)], 3: [(8, 112, 112), (16, 64, 64)]}
+_BATCH = 2
+
+
+def fuse_scripted(
+    model: torch.jit.ScriptModule,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    inplace: bool = False,
+) -> FuseResult:
+    """Fold every batch norm that follows a convolution in a scripted or traced module's forward.
+
+    Returns a frozen copy (see the module doc); ``model`` is never changed, so ``inplace`` has no
+    effect. Without example inputs, they are the traced inputs of a traced module, else inferred
+    from its first conv. Arguments and errors as ``convfuse.fuse``.
+    """
+    del inplace  # freezing always builds a new module
+    if getattr(model, "training", False):  # a frozen module has no training flag
+        raise TrainingModeError(
+            "the TorchScript model is in training mode, where BatchNorm normalises with batch statistics "
+            "and folding would change what it computes; call model.eval() first (on the command line: --eval)"
+        )
+    timings: dict[str, float] = {}
+    user_tolerance = atol is not None or rtol is not None
+    with _timed(timings, "reference"):
+        if verify:
+            reference = _record_reference(model, example_inputs, truth=not user_tolerance)
+            batch: verification.Batch | None = reference.batches[0]
+        else:
+            batch = _observe(model, example_inputs)
+    with _timed(timings, "fold"):
+        frozen = _freeze(model)
+        graph = frozen.graph
+        report = FuseReport(norm_layers=Count(_count_norms(graph), 0), parameters=Count(_count_weights(graph), 0))
+        fused, skipped = _fold_graph(graph)
+        torch._C._jit_pass_dce(graph)
+        report.fused, report.skipped = fused, skipped
+        report.norm_layers = Count(report.norm_layers.before, _count_norms(graph))
+        report.parameters = Count(report.parameters.before, _count_weights(graph))
+    report.timings = timings
+    result = frozen if fused else model
+    if verify:
+        with _timed(timings, "verify"):
+            report.verification = verification.compare(result, reference, atol=atol, rtol=rtol)
+        if not report.verification.passed:
+            raise VerificationError(f"verification failed: {report.verification.message}", report)
+    return FuseResult(result, report, batch)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# -- inputs -----------------------------------------------------------------------------
+
+
+def _candidates(model: torch.jit.ScriptModule, example_inputs: Any) -> list[Any]:
+    """Example inputs to try in turn: the given ones, else a traced module's own, else inputs
+    shaped for its first conv."""
+    spec = example_inputs if isinstance(example_inputs, verification.InputSpec) else None
+    if example_inputs is not None and (spec is None or spec.shapes):
+        return [example_inputs]
+    dtype = spec.dtype if spec is not None else None
+    traced = _traced_inputs(model)
+    if traced is not None:
+        return [verification.InputSpec(tuple(tuple(t.shape) for t in traced), dtype or traced[0].dtype)]
+    for _, module in model.named_modules():
+        dims = _CONV_CLASSES.get(getattr(module, "original_name", ""))
+        if dims is not None:
+            channels = int(module.in_channels)
+            return [verification.InputSpec(((_BATCH, channels, *spatial),), dtype) for spatial in _SPATIAL[dims]]
+    return []
+
+
+def _traced_inputs(model: torch.jit.ScriptModule) -> tuple[Tensor, ...] | None:
+    """The inputs ``torch.jit.trace`` recorded for forward, where they are all tensors."""
+    try:
+        recorded = model._c._retrieve_traced_inputs()
+        inputs = recorded["forward"] if "forward" in recorded else None
+    except Exception:  # scripted, or loaded from a file: nothing recorded
+        return None
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        return None
+    return tuple(inputs)
+
+
+def _no_shape_error(candidates: list[Any], errors: list[InputError]) -> InputError:
+    if not candidates:
+        return InputError(
+            "cannot infer the input shape of the TorchScript model (it has no conv submodule to tell); "
+            "pass example_inputs to convfuse.fuse(), or --input-shape on the command line"
+        )
+    if len(candidates) == 1:
+        return errors[0]
+    tried = ", ".join(str(c.shapes[0]) for c in candidates)
+    return InputError(
+        f"cannot infer the input shape of the TorchScript model: it rejected {tried}; "
+        "pass example_inputs to convfuse.fuse(), or --input-shape on the command line"
+    )
+
+
+def _record_reference(model: torch.jit.ScriptModule, example_inputs: Any, *, truth: bool) -> verification.Reference:
+    candidates = _candidates(model, example_inputs)
+    errors: list[InputError] = []
+    for candidate in candidates:
+        try:
+            return verification.record_reference(model, candidate, truth=truth)
+        except InputError as error:
+            errors.append(error)
+    raise _no_shape_error(candidates, errors)
+
+
+def _observe(model: torch.jit.ScriptModule, example_inputs: Any) -> verification.Batch | None:
+    for candidate in _candidates(model, example_inputs):
+        batch, _ = verification.observe(model, candidate)
+        if batch is not None:
+            return batch
+    return None
+
+
+# -- freezing and counting --------------------------------------------------------------
+
+
+def _freeze(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A frozen copy with every compiled method kept, without ``torch.jit.freeze``'s optimisations
+    (its conv-BN folding among them: float32, no transposed convs)."""
+    methods = [name for name in model._c._method_names() if name != "forward"]
+    frozen = torch.jit.RecursiveScriptModule(torch._C._freeze_module(model._c, methods))
+    torch.jit.RecursiveScriptModule._finalize_scriptmodule(frozen)
+    return frozen
+
+
+def _nodes(block: Any) -> Iterator[Any]:
+    """Every node of ``block`` and of the blocks nested in it (if/loop bodies)."""
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _nodes(inner)
+
+
+def _count_norms(graph: Any) -> int:
+    return sum(1 for node in _nodes(graph.block()) if node.kind() == _NORM)
+
+
+def _count_weights(graph: Any) -> int:
+    """Elements of the floating-point tensors the frozen graph holds, other than running statistics
+    (the frozen counterpart of a module's parameter count)."""
+    total = 0
+    for node in _nodes(graph.block()):
+        if node.kind() != "prim::Constant":
+            continue
+        value = node.output().toIValue()
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            continue
+        uses = node.output().uses()
+        if uses and all(u.user.kind() == _NORM and u.offset in (3, 4) for u in uses):
+            continue
+        total += value.numel()
+    return total
+
+
+# -- folding ----------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _constant(value: Any) -> Any:
+    """The value of a graph constant, or _MISSING where it is computed."""
+    if value.node().kind() != "prim::Constant":
+        return _MISSING
+    return value.toIValue()
+
+
+_HIERARCHY = re.compile(r"([^.()]+)\(([^()]*)\)")
+_STORED = re.compile(r"^self\.(.+)\.(?:weight|bias|running_mean|running_var)(?:\.\d+)?$")
+
+
+def _module_of(node: Any, stored: Any) -> tuple[str, str | None]:
+    """The module path and class name of the call that ran ``node``: from the inlined call stack,
+    else from the name freezing gave the constant ``stored``, else the node's output name."""
+    parts = [(name, cls.rsplit(".", 1)[-1]) for name, cls in _HIERARCHY.findall(node.getModuleHierarchy())
+             if name not in ("SELF", "TOP", "UNKNOWN_INSTANCE")]
+    if parts:
+        return ".".join(name for name, _ in parts), parts[-1][1]
+    match = _STORED.match(stored.debugName()) if stored is not None else None
+    if match:
+        return match.group(1), None
+    return f"{node.kind().removeprefix('aten::')}:%{node.output().debugName()}", None
+
+
+def _fold_graph(graph: Any) -> tuple[list[FusedPair], list[Skipped]]:
+    fused: list[FusedPair] = []
+    skipped: list[Skipped] = []
+    for norm in [n for n in _nodes(graph.block()) if n.kind() == _NORM]:
+        outcome = _fold_one(graph, norm)
+        (fused if isinstance(outcome, FusedPair) else skipped).append(outcome)
+    return fused, skipped
+
+
+def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
+    """Fold one batch norm into the conv that feeds it, or say why not (the graph is then unchanged)."""
+    inputs = list(norm.inputs())  # input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn
+    norm_name, norm_class = _module_of(norm, inputs[3])
+    conv = inputs[0].node()
+    if conv.kind() not in _CONVS | _TRANSPOSED_CONVS:
+        reason = Reason.UNSUPPORTED_PAIR if conv.kind() == "aten::linear" else Reason.NO_PRODUCER
+        producer = _module_of(conv, None)[0] if conv.kind() == "aten::linear" else None
+        return Skipped(norm_name, producer, reason)
+    conv_inputs = list(conv.inputs())
+    producer, conv_class = _module_of(conv, conv_inputs[1])
+    reason, values = _check(conv, norm, conv_inputs, inputs)
+    if reason is not None:
+        return Skipped(norm_name, producer, reason)
+    weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups = values
+    folded_weight, folded_bias = fuse_conv_bn_weights(
+        weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transpose=transposed, groups=groups
+    )
+    new_weight = torch.empty_like(weight)
+    new_weight.copy_(folded_weight)
+    like = bias if bias is not None else weight
+    new_bias = folded_bias.to(dtype=like.dtype, device=like.device)
+    with graph.insert_point_guard(conv):
+        weight_value = graph.insertConstant(new_weight)
+        bias_value = graph.insertConstant(new_bias)
+    conv.replaceInput(1, weight_value)
+    conv.replaceInput(2, bias_value)
+    norm.output().replaceAllUsesWith(conv.output())
+    norm.destroy()
+    if conv_class and norm_class:
+        kind = f"{conv_class}+{norm_class}"
+    else:
+        kind = f"{conv.kind().removeprefix('aten::')}+batch_norm"
+    return FusedPair(producer, norm_name, kind)
+
+
+def _check(conv: Any, norm: Any, conv_inputs: list[Any], inputs: list[Any]) -> tuple[str | None, tuple]:
+    """Why the pair must not be folded (or None), and the constants the fold needs."""
+    uses = conv.output().uses()
+    if sum(1 for u in uses if u.user == norm) != 1 or inputs[0].node() != conv or any(
+        u.user != norm and u.user.kind() not in _SHAPE_ONLY for u in uses
+    ):
+        return Reason.OTHER_USERS, ()
+    training = _constant(inputs[5])
+    running_mean, running_var = _constant(inputs[3]), _constant(inputs[4])
+    if running_mean is None or running_var is None:
+        return Reason.NO_RUNNING_STATS, ()
+    if training is not False:
+        return Reason.TRAINING, ()
+    weight, bias = _constant(conv_inputs[1]), _constant(conv_inputs[2])
+    norm_weight, norm_bias, eps = _constant(inputs[1]), _constant(inputs[2]), _constant(inputs[7])
+    stored = (weight, bias, running_mean, running_var, norm_weight, norm_bias, eps)
+    if any(v is _MISSING for v in stored):
+        return Reason.COMPUTED_WEIGHT, ()
+    if conv.kind() in _TRANSPOSED_CONVS:
+        transposed: Any = True
+    elif conv.kind() in ("aten::_convolution", "aten::convolution"):
+        transposed = _constant(conv.namedInput("transposed"))
+    else:
+        transposed = False
+    groups = _constant(conv.namedInput("groups"))
+    if not isinstance(transposed, bool) or not isinstance(groups, int) or not isinstance(eps, float):
+        return Reason.UNSUPPORTED_PAIR, ()
+    tensors = [t for t in stored[:6] if t is not None]
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return Reason.UNSUPPORTED_PAIR, ()
+    if not all(t.is_floating_point() for t in tensors):
+        return Reason.NOT_FLOATING, ()
+    if len({t.device for t in tensors}) > 1:
+        return Reason.DEVICES, ()
+    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    if running_mean.numel() != channels:
+        return Reason.UNSUPPORTED_PAIR, ()
+    return None, (weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups)
