@@ -273,6 +273,7 @@ def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
 def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     parent = facts.modules[parent_name] if parent_name else facts.modules[""]
+    replacement.training = facts.modules[name].training  # its own flag; the act modules keep theirs
     setattr(parent, attribute, replacement)
     facts.modules[name] = replacement
 

@@ -122,6 +122,7 @@ class Reason:
     NOT_FLOATING = "a module of the pair is not floating point"
     DEVICES = "the modules of the pair are on different devices"
     LINEAR_NOT_2D = "the norm does not normalise the linear layer's features (its input is not 2-D)"
+    NOT_CHANNELS = "the norm does not normalise the conv's channels (unbatched input or other channel count)"
     SHAPE_UNKNOWN = "the norm's input shape is unknown (give example inputs)"
     ZERO_PADDING = "the conv after the norm pads with zeros, so the fold would not be exact"
     TRANSPOSED_AFTER = "a transposed conv after the norm cannot absorb it exactly"
@@ -165,6 +166,7 @@ class Observation:
 
     calls: Counter[str] = field(default_factory=Counter)
     input_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    direct_reads: set[str] = field(default_factory=set)  # modules whose tensors others read
 
 
 @dataclass
@@ -329,6 +331,30 @@ def _zero_padded(conv: nn.Module) -> bool:
     return any(conv.padding)
 
 
+def _channel_reason(match: Match, producer: nn.Module, norm: nn.Module, observed: Observation | None) -> str | None:
+    """Why the norm might not normalise the producer's channel axis, or None.
+
+    A norm normalises axis 1 of its input. That is the producer's channel axis only for a
+    batched input: BatchNorm1d after an unbatched Conv1d (C, L), or after a Linear on (B, N, C),
+    normalises something else. BatchNorm2d/3d and FrozenBatchNorm2d reject other ranks
+    themselves; BatchNorm1d and SyncBatchNorm need the observed input rank.
+    """
+    wrong = Reason.LINEAR_NOT_2D if match.pattern.linear else Reason.NOT_CHANNELS
+    if isinstance(producer, nn.Linear):
+        channels, rank = (producer.in_features if match.norm_first else producer.out_features), 2
+    else:
+        channels = producer.in_channels if match.norm_first else producer.out_channels
+        rank = len(producer.kernel_size) + 2
+    if norm.running_mean.numel() != channels:
+        return wrong
+    shapes = observed.input_shapes.get(match.norm) if observed else None
+    if shapes:
+        return wrong if any(len(shape) != rank for shape in shapes) else None
+    if match.pattern.linear or isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+        return Reason.SHAPE_UNKNOWN
+    return None
+
+
 def skip_reason(match: Match, facts: Facts) -> str | None:
     """Why ``match`` must not be folded, or None where every check passes.
 
@@ -348,11 +374,14 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.HOOKS
     if any(parametrize.is_parametrized(facts.modules[name]) for name in pair):
         return Reason.PARAMETRIZED
+    if any(id(p) in facts.shared_parameters for p in producer.parameters(recurse=False)):
+        return Reason.SHARED_PARAMETER
     if match.users > 1:
         return Reason.NORM_OUTPUT_USERS if match.norm_first else Reason.OTHER_USERS
     if match.extra_arguments:
         return Reason.EXTRA_ARGUMENTS
-    if match.producer in facts.direct_reads or match.norm in facts.direct_reads:
+    read = facts.direct_reads | (observed.direct_reads if observed else set())
+    if match.producer in read or match.norm in read:
         return Reason.DIRECT_ACCESS
     if norm.training:
         return Reason.TRAINING
@@ -365,14 +394,9 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.NOT_FLOATING
     if len({t.device for t in tensors if t.is_floating_point()}) > 1:
         return Reason.DEVICES
-    if any(id(p) in facts.shared_parameters for p in producer.parameters(recurse=False)):
-        return Reason.SHARED_PARAMETER
-    if match.pattern.linear:
-        shapes = observed.input_shapes.get(match.norm) if observed else None
-        if not shapes:
-            return Reason.SHAPE_UNKNOWN
-        if any(len(shape) != 2 for shape in shapes):
-            return Reason.LINEAR_NOT_2D
+    reason = _channel_reason(match, producer, norm, observed)
+    if reason is not None:
+        return reason
     if match.norm_first and _zero_padded(producer):
         return Reason.ZERO_PADDING
     if observed is not None and (observed.calls[match.producer] == 0 or observed.calls[match.norm] == 0):

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from convfuse.errors import InputError, UsageError
 from convfuse.inputs import (
@@ -39,7 +42,7 @@ from convfuse.inputs import (
     map_tensors,
     similar_batch,
 )
-from convfuse.patterns import Observation
+from convfuse.patterns import Observation, is_norm, is_producer
 
 __all__ = [
     "NOISE_FACTOR",
@@ -167,25 +170,69 @@ def _run(model: nn.Module, batch: Batch, probes: Sequence[str] = ()) -> Outputs:
     return Outputs(_snapshot(output), recorded)
 
 
+def _storage(tensor: Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return None
+
+
+class _ForeignReads(TorchFunctionMode):
+    """Notes every op that reads a tensor of a conv/linear/norm layer from outside that layer's
+    own forward (e.g. ``y * self.bn.weight`` in a parent): folding would change what it reads."""
+
+    def __init__(self, owners: dict[int, str], active: Counter[str], reads: set[str]) -> None:
+        super().__init__()
+        self.owners, self.active, self.reads = owners, active, reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":  # .shape, .dtype: reading metadata is fine
+            for value in pytree.tree_leaves((args, kwargs)):
+                if isinstance(value, Tensor):
+                    owner = self.owners.get(_storage(value))
+                    if owner is not None and not self.active[owner]:
+                        self.reads.add(owner)
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def _observing(model: nn.Module, observation: Observation) -> Iterator[None]:
-    def hook_for(name: str):
+    """Record calls per module, the input shapes each saw, and foreign reads of layer tensors."""
+    active: Counter[str] = Counter()
+
+    def enter(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             observation.calls[name] += 1
+            active[name] += 1
             first = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(first, Tensor):
                 observation.input_shapes.setdefault(name, []).append(tuple(first.shape))
 
         return hook
 
+    def leave(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            active[name] -= 1
+
+        return hook
+
+    owners: dict[int, str] = {}
     handles = []
     try:
         for name, module in model.named_modules(remove_duplicate=False):
+            if is_norm(module) or is_producer(module):
+                for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                    key = _storage(tensor)
+                    if key is not None:
+                        owners.setdefault(key, name)
             try:
-                handles.append(module.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
+                handles.append(module.register_forward_hook(leave(name)))
             except (RuntimeError, AttributeError):  # scripted modules take no hooks
                 continue
-        yield
+        with _ForeignReads(owners, active, observation.direct_reads):
+            yield
     finally:
         for handle in handles:
             handle.remove()

@@ -517,11 +517,6 @@ def test_verify_false_still_fuses() -> None:
         _assert_outputs_close(result.model(example), model(example))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convfuse bug: the nn.Identity / nn.Sequential that replace a folded BN are created in "
-    "training mode inside an eval model",
-)
 @pytest.mark.parametrize("norm_cls", [nn.BatchNorm2d, BNDropAct])
 def test_fused_model_stays_in_eval_mode(norm_cls: type[nn.Module]) -> None:
     model = randomize_bn(ConvNorm(nn.Conv2d(3, 6, 3, padding=1), norm_cls(6))).eval()

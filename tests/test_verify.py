@@ -1,0 +1,272 @@
+"""Verification: a correct fold passes, a wrong one (even slightly wrong) fails, nested outputs
+compare leaf by leaf, inputs are inferred where the first layer tells, and problems get a clear
+message rather than a false failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+import convfuse
+fuse_module = importlib.import_module("convfuse.fuse")
+from convfuse import verify
+from convfuse.folding import fuse_conv_bn_weights
+
+from tests.conftest import norm_names, randomize_bn
+
+
+class ConvNet(nn.Module):
+    """conv-BN-ReLU twice, then a max-pool: small, but deep enough to have rounding noise."""
+
+    def __init__(self, dims: int = 2, channels: int = 8) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims]
+        self.conv1, self.bn1 = conv(3, channels, 3, padding=1), bn(channels)
+        self.conv2, self.bn2 = conv(channels, channels, 3, padding=1, bias=False), bn(channels)
+        self.pool = pool(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.pool(torch.relu(self.bn2(self.conv2(x))))
+
+
+def _model(dtype: torch.dtype = torch.float32, dims: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(ConvNet(dims)).eval().to(dtype)
+
+
+def _off_by(relative: float):
+    """A folding function that is wrong by ``relative`` of each folded bias's magnitude."""
+
+    def wrong(*args, **kwargs):
+        weight, bias = fuse_conv_bn_weights(*args, **kwargs)
+        return weight, bias + relative * bias.abs().max()
+
+    return wrong
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_correct_fold_passes_default_tolerance(dtype: torch.dtype) -> None:
+    model = _model(dtype)
+    x = torch.randn(2, 3, 16, 16).to(dtype)
+    result = convfuse.fuse(model, x)
+    v = result.report.verification
+    assert v.passed is True
+    assert v.batches == 3
+    assert 0 < v.rtol <= verify.tolerance_for(dtype).cap
+    assert v.max_rel_error <= v.rtol
+    assert norm_names(result.model) == set()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "relative"),
+    [(torch.float32, 1e-4), (torch.float64, 1e-8), (torch.bfloat16, 0.25), (torch.float16, 0.05)],
+)
+def test_slightly_wrong_fold_fails_default_tolerance(monkeypatch, dtype, relative) -> None:
+    """Errors far below a fixed 1e-3 check are still caught: they exceed the model's own noise."""
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(relative))
+    model = _model(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(convfuse.VerificationError, match="differs from the original") as raised:
+        convfuse.fuse(model, torch.randn(2, 3, 16, 16).to(dtype))
+    report = raised.value.report
+    assert report.verification.passed is False
+    assert report.verification.max_rel_error > report.verification.rtol
+    assert report.to_dict()["verification"]["passed"] is False
+    # the input model is untouched (inplace=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert norm_names(model) == {"bn1", "bn2"}
+
+
+def test_user_tolerance_overrides_defaults(monkeypatch) -> None:
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+    strict = convfuse.fuse(model, x, atol=1.0)  # generous: passes
+    assert strict.report.verification.rule == "user tolerance"
+    assert strict.report.verification.atol == 1.0
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-3))
+    with pytest.raises(convfuse.VerificationError):
+        convfuse.fuse(model, x, rtol=1e-6)
+    assert convfuse.fuse(model, x, rtol=0.5).report.verification.passed
+
+
+def test_negative_tolerance_is_a_usage_error() -> None:
+    with pytest.raises(convfuse.UsageError, match="negative"):
+        convfuse.fuse(_model(), torch.randn(2, 3, 8, 8), atol=-1.0)
+
+
+def test_verify_false_reports_skipped() -> None:
+    result = convfuse.fuse(_model(), torch.randn(2, 3, 8, 8), verify=False)
+    assert result.report.verification.passed is None
+    assert result.report.to_dict()["verification"]["passed"] is None
+    assert "not verified" in result.report.summary()
+
+
+def test_float64_reference_restores_the_model_exactly() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    with verify._in_float64(model):
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert [id(p) for p in model.parameters()] == params
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+Pair = namedtuple("Pair", "left right")
+
+
+@dataclasses.dataclass
+class Detections:
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    extra: dict
+
+
+class NestedNet(nn.Module):
+    """Outputs nested as detection models do: dicts of lists of namedtuples and dataclasses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return {
+            "features": [y, Pair(y.mean(dim=(2, 3)), y.amax(dim=(2, 3)))],
+            "detections": Detections(y.flatten(1)[:, :4], y.flatten(1).argmax(dim=1), {"score": y.amax()}),
+            "name": "nested",
+        }
+
+
+def test_nested_outputs_compare_every_leaf(monkeypatch) -> None:
+    model = randomize_bn(NestedNet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x)
+    assert result.report.verification.passed
+    assert len(result.report.fused) == 1
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-2))
+    with pytest.raises(convfuse.VerificationError) as raised:
+        convfuse.fuse(model, x)
+    assert "output[" in raised.value.report.verification.worst_output or "output[" in str(raised.value)
+
+
+def test_structure_change_is_a_failure_naming_the_place() -> None:
+    class Swapping(nn.Module):
+        def __init__(self, extra: bool) -> None:
+            super().__init__()
+            self.extra = extra
+
+        def forward(self, x):
+            return {"a": x, "b": [x, x]} if self.extra else {"a": x, "b": [x]}
+
+    x = torch.randn(2, 3)
+    reference = verify.record_reference(Swapping(True), x)
+    result = verify.compare(Swapping(False), reference)
+    assert result.passed is False
+    assert "['b']" in result.message
+
+
+def test_detection_model_verifies_on_nested_outputs() -> None:
+    """Detection outputs (lists of dicts of boxes/scores/labels) are compared; where NMS and
+    top-k make them discontinuous, the backbone and heads' outputs decide."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, min_size=96, max_size=96
+    )
+    model = randomize_bn(model).eval()
+    result = convfuse.fuse(model, ([torch.rand(3, 96, 96)],))
+    assert result.report.verification.passed
+    assert norm_names(result.model) == set()
+    assert any(u.module == "(model)" for u in result.report.untraced)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (lambda: nn.Sequential(nn.Conv1d(5, 4, 3), nn.BatchNorm1d(4)), (2, 5, 256)),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 224, 224)),
+        (lambda: nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4)), (2, 2, 8, 112, 112)),
+        (lambda: nn.Sequential(nn.Linear(7, 4), nn.BatchNorm1d(4)), (2, 7)),
+    ],
+    ids=["conv1d", "conv2d", "conv3d", "linear"],
+)
+def test_inputs_are_inferred_from_the_first_layer(model, shape) -> None:
+    result = convfuse.fuse(randomize_bn(model()).eval())
+    assert result.report.verification.passed
+    assert len(result.report.fused) == 1
+    args, _ = result.example_inputs
+    assert tuple(args[0].shape) == shape
+
+
+def test_inference_tries_a_second_size() -> None:
+    """A CIFAR-style net with a Linear after flatten rejects 224x224 and accepts 32x32."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 32 * 32, 10))
+    result = convfuse.fuse(randomize_bn(model).eval())
+    assert tuple(result.example_inputs[0][0].shape) == (2, 3, 32, 32)
+    assert result.report.verification.passed
+
+
+def test_uninferable_input_asks_for_shapes() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(convfuse.InputError, match="input-shape"):
+        convfuse.fuse(randomize_bn(model).eval())
+
+
+def test_input_spec_gives_shapes_and_dtype() -> None:
+    model = randomize_bn(ConvNet()).eval()
+    spec = convfuse.InputSpec(shapes=((2, 3, 12, 12),), dtype=torch.float32)
+    result = convfuse.fuse(model, spec)
+    assert tuple(result.example_inputs[0][0].shape) == (2, 3, 12, 12)
+    assert result.report.verification.passed
+
+
+def test_model_rejecting_example_inputs_is_an_input_error() -> None:
+    with pytest.raises(convfuse.InputError, match="raised"):
+        convfuse.fuse(_model(), torch.randn(2, 5, 8, 8))
+
+
+def test_dropout_left_in_training_mode_is_verified_with_seeded_runs() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    model = randomize_bn(model).eval()
+    model[2].train()
+    result = convfuse.fuse(model, torch.randn(2, 3, 8, 8))
+    assert result.report.verification.passed
+    assert norm_names(result.model) == set()
+
+
+class Drifting(nn.Module):
+    """Its output changes from call to call (state kept between calls): cannot be verified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x)) * self.calls
+
+
+def test_nondeterministic_model_gets_a_clear_message() -> None:
+    with pytest.raises(convfuse.VerificationError, match="different outputs on two runs"):
+        convfuse.fuse(randomize_bn(Drifting()).eval(), torch.randn(2, 3, 8, 8))
+
+
+def test_fused_model_that_raises_fails_verification(monkeypatch) -> None:
+    model = _model()
+    reference = verify.record_reference(model, torch.randn(2, 3, 8, 8))
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", broken)
+    result = verify.compare(model, reference)
+    assert result.passed is False
+    assert "boom" in result.message
