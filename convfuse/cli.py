@@ -160,6 +160,7 @@ def convfuse(
             "please report it (set CONVFUSE_DEBUG=1 for the traceback).",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(3) from None
 
@@ -198,6 +199,9 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
             raise UsageError(f"{target}: is the input file; choose another output, or pass --overwrite-input")
         serialization.check_writable(target)
     if options["report"] is not None:
+        for other, role in ((source, "input model"), (target, "output model")):
+            if other is not None and _same_file(options["report"], other):
+                raise UsageError(f"--report {options['report']}: is the {role} file; choose another report path")
         serialization.check_writable(options["report"])
 
     timings: dict[str, float] = {}
@@ -291,6 +295,12 @@ def _dtype(text: str | None) -> Any:
 def _to_device(model: Any, device: str) -> Any:
     import torch
 
+    try:
+        target = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {device}: {error}") from error
+    if target.type == "meta":  # holds no values: nothing could be verified or saved
+        raise UsageError(f"--device {device}: a device without data; use cpu or an accelerator such as cuda")
     try:
         if isinstance(model, torch.export.ExportedProgram):
             from torch.export.passes import move_to_device_pass

@@ -20,15 +20,17 @@ from torch import Tensor, nn
 
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError, VerificationError
-from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.folding import bn_scale_shift, fuse_bn_conv_weights, fuse_conv_bn_weights
 from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
+from convfuse.matching import find_matches
 from convfuse.patterns import (
+    Combine,
     Facts,
     Match,
     Observation,
+    Pattern,
     Reason,
     Skipped,
-    find_matches,
     is_norm,
     is_producer,
     overrides_forward,
@@ -226,35 +228,66 @@ def _fold_all(matches: list[Match], facts: Facts) -> tuple[list[FusedPair], list
 
 
 def _try_fold(match: Match, facts: Facts) -> Skipped | None:
-    """Fold one pair into the model, or say why not (the model is then unchanged)."""
+    """Fold one match into the model, or say why not (the model is then unchanged)."""
     reason = skip_reason(match, facts)
     if reason is not None:
         return Skipped(match.norm, match.producer, reason)
-    producer, norm = facts.modules[match.producer], facts.modules[match.norm]
+    norm = facts.modules[match.norm]
     norm_custom = overrides_forward(norm, match.pattern.norm)
-    producer_custom = overrides_forward(producer, match.pattern.producer)
     try:
         fold = analyse_norm(norm, norm_custom)
     except NormNotFoldable as error:
         return Skipped(match.norm, match.producer, Reason.NORM_FORWARD, str(error))
     if match.norm_first and not fold.normalises_only:
         return Skipped(match.norm, match.producer, Reason.NORM_DOES_MORE_BEFORE)
-    weight, bias = _folded_weights(match, producer, fold)
-    if (norm_custom or producer_custom) and not _proven(match, facts, fold, weight, bias):
+    if norm_custom and not _norm_proven(match, facts, norm, fold):
         return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
-    _write(producer, weight, bias)
+    updates = []
+    for index, (name, pattern) in enumerate(zip(match.producers, match.patterns)):
+        producer = facts.modules[name]
+        stats = _stats_for(match, index, fold, facts)
+        weight, bias = _folded_weights(match, pattern, producer, stats)
+        if overrides_forward(producer, pattern.producer) and not _producer_proven(
+            match, facts, name, stats, weight, bias
+        ):
+            return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
+        updates.append((producer, weight, bias))
+    for producer, weight, bias in updates:
+        _write(producer, weight, bias)
     _replace(facts, match.norm, fold.remainder)
     return None
 
 
-def _folded_weights(match: Match, producer: nn.Module, fold: NormFold) -> tuple[Tensor, Tensor]:
+Stats = tuple[Tensor, Tensor, float, "Tensor | None", "Tensor | None"]
+"""running_mean, running_var, eps, weight, bias: what one producer absorbs."""
+
+
+def _stats_for(match: Match, index: int, fold: NormFold, facts: Facts) -> Stats:
+    """The part of the norm that producer ``index`` absorbs.
+
+    A sum's terms are all scaled, but only the first takes the shift; a concatenation's parts
+    each take their own channel slice.
+    """
     stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
+    if match.combine == Combine.SUM and index > 0:
+        return torch.zeros_like(fold.running_mean), fold.running_var, fold.eps, fold.weight, None
+    if match.combine == Combine.CAT:
+        sizes = [_out_channels(facts.modules[name]) for name in match.producers]
+        start = sum(sizes[:index])
+        part = slice(start, start + sizes[index])
+        return tuple(t[part] if isinstance(t, Tensor) else t for t in stats)  # type: ignore[return-value]
+    return stats
+
+
+def _out_channels(producer: nn.Module) -> int:
+    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+
+
+def _folded_weights(match: Match, pattern: Pattern, producer: nn.Module, stats: Stats) -> tuple[Tensor, Tensor]:
     groups = getattr(producer, "groups", 1)
     if match.norm_first:
         return fuse_bn_conv_weights(producer.weight, producer.bias, *stats, groups=groups)
-    return fuse_conv_bn_weights(
-        producer.weight, producer.bias, *stats, transpose=match.pattern.transpose, groups=groups
-    )
+    return fuse_conv_bn_weights(producer.weight, producer.bias, *stats, transpose=pattern.transpose, groups=groups)
 
 
 def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
@@ -278,51 +311,83 @@ def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:
     facts.modules[name] = replacement
 
 
-def _probe_shape(match: Match, facts: Facts, first: nn.Module) -> tuple[int, ...]:
-    """The shape the first layer of the pair saw in the real run, else a small one that fits it."""
-    first_name = match.norm if match.norm_first else match.producer
-    seen = facts.observation.input_shapes.get(first_name) if facts.observation else None
-    if seen:
-        return seen[0]
-    producer = facts.modules[match.producer]
+# -- local proofs for subclasses that override forward ------------------------------------
+
+
+def _seen_shape(facts: Facts, name: str) -> tuple[int, ...] | None:
+    seen = facts.observation.input_shapes.get(name) if facts.observation else None
+    return seen[0] if seen else None
+
+
+def _made_up_shape(producer: nn.Module) -> tuple[int, ...]:
+    """A small input that fits ``producer``, where the real run did not show one."""
     if isinstance(producer, nn.Linear):
         return (2, producer.in_features)
     spatial = [16 + d * (k - 1) for d, k in zip(producer.dilation, producer.kernel_size)]
     return (2, producer.in_channels, *spatial)
 
 
-def _proven(match: Match, facts: Facts, fold: NormFold, weight: Tensor, bias: Tensor) -> bool:
-    """Whether the folded pair computes what the pair computed, on random float64 probes.
+def _affine(x: Tensor, stats: Stats, axis: int) -> Tensor:
+    """``x * scale + shift`` per channel along ``axis``: what a BatchNorm computes at eval."""
+    scale, shift = bn_scale_shift(*stats)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x * scale.reshape(shape).to(x.device) + shift.reshape(shape).to(x.device)
 
-    For layers whose forward was overridden: the fold is linear algebra on the layer's
-    parameters, so agreement to float64 precision on random inputs proves the forward uses
-    them the way the base class does (e.g. dynamic 'same' padding passes, weight
-    standardisation does not).
-    """
-    producer, norm = facts.modules[match.producer], facts.modules[match.norm]
-    first = norm if match.norm_first else producer
+
+def _agree(expected: Tensor, actual: Tensor) -> bool:
+    if expected.shape != actual.shape:
+        return False
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return bool(torch.allclose(actual, expected, rtol=0.0, atol=1e-9 * max(scale, 1e-30)))
+
+
+def _probes(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(device) for _ in range(2)]
+
+
+def _norm_proven(match: Match, facts: Facts, norm: nn.Module, fold: NormFold) -> bool:
+    """Whether a norm subclass computes ``remainder(batch_norm(x))`` with the folded statistics,
+    on random float64 inputs of the shape it saw (its forward was analysed, not trusted)."""
+    channels = fold.running_mean.numel()
+    shape = _seen_shape(facts, match.norm) or (2, channels, 8, 8)
+    stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
     try:
-        original_producer = copy.deepcopy(producer).to(torch.float64)
-        original_norm = copy.deepcopy(norm).to(torch.float64)
-        folded = copy.deepcopy(original_producer)
+        original = copy.deepcopy(norm).to(torch.float64)
+        remainder = copy.deepcopy(fold.remainder).to(torch.float64)
+        with torch.no_grad():
+            return all(
+                _agree(original(x), remainder(_affine(x, stats, 1))) for x in _probes(shape, fold.running_mean.device)
+            )
+    except Exception:  # a layer that cannot run alone or in float64 proves nothing
+        return False
+
+
+def _producer_proven(match: Match, facts: Facts, name: str, stats: Stats, weight: Tensor, bias: Tensor) -> bool:
+    """Whether a conv/linear subclass with its own forward computes, with the folded weight and
+    bias, exactly the norm's affine map of its original output (or of its input, norm first).
+
+    The fold is linear algebra on the layer's parameters, so agreement to float64 precision on
+    random inputs proves the forward uses them as the base class does: dynamic 'same' padding
+    passes, weight standardisation does not.
+    """
+    producer = facts.modules[name]
+    shape = _seen_shape(facts, name) or _made_up_shape(producer)
+    axis = -1 if isinstance(producer, nn.Linear) else 1
+    try:
+        original = copy.deepcopy(producer).to(torch.float64)
+        folded = copy.deepcopy(original)
         with torch.no_grad():
             folded.weight.copy_(weight)
             folded.bias = nn.Parameter(bias.clone())
-        remainder = copy.deepcopy(fold.remainder).to(torch.float64)
-        generator = torch.Generator().manual_seed(0)
-        device = producer.weight.device
-        for _ in range(2):
-            x = torch.randn(_probe_shape(match, facts, first), generator=generator, dtype=torch.float64).to(device)
-            with torch.no_grad():
+            for x in _probes(shape, producer.weight.device):
                 if match.norm_first:
-                    expected, actual = original_producer(original_norm(x)), folded(x)
+                    expected = original(_affine(x, stats, axis if axis == -1 else 1))
                 else:
-                    expected, actual = original_norm(original_producer(x)), remainder(folded(x))
-            if expected.shape != actual.shape:
-                return False
-            scale = expected.abs().max().item()
-            if not torch.allclose(actual, expected, rtol=0.0, atol=1e-9 * max(scale, 1e-30)):
-                return False
+                    expected = _affine(original(x), stats, axis)
+                if not _agree(expected, folded(x)):
+                    return False
     except Exception:  # a layer that cannot run alone or in float64 proves nothing
         return False
     return True

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["BATCH_SIZE", "Batch", "InputSpec", "as_batch", "candidate_batches", "map_tensors", "similar_batch"]
+__all__ = ["BATCH_SIZE", "Batch", "InputSpec", "as_batch", "as_call", "candidate_batches", "map_tensors", "similar_batch"]
 
 Batch = tuple[tuple[Any, ...], dict[str, Any]]
 """Positional and keyword arguments of one forward call."""
@@ -38,6 +38,18 @@ def as_batch(example: Any) -> Batch:
     if isinstance(example, Mapping):
         return (), dict(example)
     return (example,), {}
+
+
+def as_call(example_inputs: Any) -> Batch:
+    """Example inputs as (args, kwargs): a Batch stays as it is, anything else as ``as_batch`` reads it."""
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple)
+        and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs
+    return as_batch(example_inputs)
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:

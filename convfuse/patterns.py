@@ -1,8 +1,7 @@
-"""The table of foldable pairs, finding them in fx graphs, and why a pair is not folded.
+"""The table of foldable pairs, the records of a match, and why a match is not folded.
 
-Everything here reads; nothing mutates a model. ``find_matches`` walks the graphs and
-returns every pair the table covers plus a reason for each BatchNorm that is in no pair;
-``skip_reason`` decides whether one pair is safe to fold.
+Everything here reads; nothing mutates a model. ``convfuse.matching.find_matches`` walks the
+graphs and produces ``Match`` records; ``skip_reason`` decides whether one is safe to fold.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -30,13 +28,14 @@ except ImportError:  # pragma: no cover - torchvision is a dependency, but the m
 
 __all__ = [
     "PATTERNS",
+    "Combine",
     "Facts",
     "Match",
     "Observation",
     "Pattern",
     "Reason",
     "Skipped",
-    "find_matches",
+    "find_pattern",
     "is_norm",
     "is_producer",
     "overrides_forward",
@@ -51,6 +50,7 @@ class Pattern:
     producer: type[nn.Module]
     norm: type[nn.Module]
     norm_first: bool = False
+    reshaped: bool = False  # only where reshapes between them keep the channel axis
 
     @property
     def transpose(self) -> bool:
@@ -92,6 +92,13 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern(nn.Conv3d, _SYNC, norm_first=True),
     Pattern(nn.Linear, nn.BatchNorm1d, norm_first=True),
     Pattern(nn.Linear, _SYNC, norm_first=True),
+    # A conv whose output is reshaped (channels kept on axis 1) for a norm of another rank.
+    Pattern(nn.Conv2d, nn.BatchNorm1d, reshaped=True),
+    Pattern(nn.Conv3d, nn.BatchNorm1d, reshaped=True),
+    Pattern(nn.Conv3d, nn.BatchNorm2d, reshaped=True),
+    Pattern(nn.ConvTranspose2d, nn.BatchNorm1d, reshaped=True),
+    Pattern(nn.ConvTranspose3d, nn.BatchNorm1d, reshaped=True),
+    Pattern(nn.ConvTranspose3d, nn.BatchNorm2d, reshaped=True),
 )
 
 # The methods whose code defines what a layer computes; a subclass that replaces any of them
@@ -129,21 +136,50 @@ class Reason:
     NORM_DOES_MORE_BEFORE = "the norm does more than normalise before the next layer (e.g. an activation)"
     NORM_FORWARD = "the norm subclass's forward could not be reduced to one BatchNorm"
     NOT_PROVEN = "the subclass overrides forward and the fold could not be proven on probe inputs"
+    SUM_TERMS = "its input is a sum with a term that is not a conv or linear output used only there"
+    CAT_TERMS = "its input is a concatenation of parts that are not all conv or linear outputs used only there"
+    CAT_AXIS = "its input is a concatenation along an axis other than the channels"
+    RESHAPE_AXIS = "the reshapes between the layer and the norm do not keep the channel axis"
     # Graph formats (ExportedProgram, TorchScript), where the pair is a pair of ops:
     COMPUTED_WEIGHT = "a weight or statistic of the pair is computed in the graph, not stored"
     IN_SUBGRAPH = "it runs inside a control-flow branch (torch.cond, torch.map), which is not rewritten"
 
 
+class Combine:
+    """How a norm's input is made from its producers' outputs."""
+
+    DIRECT = "direct"  # norm(producer(x)), or producer(norm(x)) for a norm-first pattern
+    SUM = "sum"  # norm(producer_a(x) + producer_b(y) + ...)
+    CAT = "cat"  # norm(torch.cat([producer_a(x), producer_b(y), ...], dim=1))
+    RESHAPE = "reshape"  # norm(producer(x).flatten(0, 1)), the channel axis kept
+
+
 @dataclass(frozen=True)
 class Match:
-    """A candidate pair found in a graph. ``producer`` is the conv/linear, whichever runs first."""
+    """A candidate fold found in a graph: one norm and the conv/linear layers it folds into.
 
-    pattern: Pattern
-    producer: str
+    ``producers`` (qualified names) are the layers whose weights change; ``patterns`` the table
+    row of each. ``users`` is the largest number of users of any value between them and the
+    norm (more than one: the value is used elsewhere too).
+    """
+
+    producers: tuple[str, ...]
+    patterns: tuple[Pattern, ...]
     norm: str
     kind: str
-    users: int  # users of the first layer's output
+    users: int
     extra_arguments: bool
+    combine: str = Combine.DIRECT
+    dim: int | None = None  # the concatenation axis as written, for Combine.CAT
+
+    @property
+    def pattern(self) -> Pattern:
+        return self.patterns[0]
+
+    @property
+    def producer(self) -> str:
+        """The producers as shown in reports."""
+        return (", " if self.combine == Combine.CAT else " + ").join(self.producers)
 
     @property
     def norm_first(self) -> bool:
@@ -166,6 +202,7 @@ class Observation:
 
     calls: Counter[str] = field(default_factory=Counter)
     input_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    output_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     direct_reads: set[str] = field(default_factory=set)  # modules whose tensors others read
 
 
@@ -226,83 +263,16 @@ def overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     )
 
 
-def find_pattern(first: nn.Module, second: nn.Module) -> Pattern | None:
-    """The table row for ``first`` feeding ``second``, if any (subclasses match their bases)."""
+def find_pattern(first: nn.Module, second: nn.Module, *, reshaped: bool = False) -> Pattern | None:
+    """The table row for ``first`` feeding ``second``, if any (subclasses match their bases);
+    ``reshaped``: reshapes lie between them, which admits more rows."""
     for pattern in PATTERNS:
+        if pattern.reshaped and not reshaped:
+            continue
         producer, norm = (second, first) if pattern.norm_first else (first, second)
         if isinstance(producer, pattern.producer) and isinstance(norm, pattern.norm):
             return pattern
     return None
-
-
-def _kind(first: nn.Module, second: nn.Module) -> str:
-    return f"{type(first).__name__}+{type(second).__name__}"
-
-
-def find_matches(graphs: list[TracedGraph], model: nn.Module) -> tuple[list[Match], list[Skipped]]:
-    """Every table pair in ``graphs``, by data flow, and a reason for each BatchNorm in none.
-
-    A norm may get two candidates (its producer, and the layer after it); the earlier one is
-    preferred. Norms that appear in no graph are reported as untraced or never called by the
-    caller, which knows whether the model ran.
-    """
-    matches: list[Match] = []
-    skipped: list[Skipped] = []
-    for traced in graphs:
-        modules = dict(traced.root.named_modules(remove_duplicate=False))
-        for node in traced.graph.nodes:
-            if node.op != "call_module" or not is_norm(modules[node.target]):
-                continue
-            found, reason = _candidates(traced, modules, node)
-            matches.extend(found)
-            if not found:
-                skipped.append(Skipped(traced.qualified(node.target), reason[1], reason[0]))
-    return matches, skipped
-
-
-def _called_module(modules: dict[str, nn.Module], node: object) -> nn.Module | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return modules[node.target]
-    return None
-
-
-def _candidates(
-    traced: TracedGraph, modules: dict[str, nn.Module], norm_node: fx.Node
-) -> tuple[list[Match], tuple[str, str | None]]:
-    norm = modules[norm_node.target]
-    norm_name = traced.qualified(norm_node.target)
-    norm_extra = len(norm_node.args) != 1 or bool(norm_node.kwargs)
-    found: list[Match] = []
-    reason: tuple[str, str | None] = (Reason.NO_PRODUCER, None)
-
-    source = norm_node.args[0] if norm_node.args else None
-    producer = _called_module(modules, source)
-    if producer is not None and is_producer(producer):
-        assert isinstance(source, fx.Node)
-        pattern = find_pattern(producer, norm)
-        if pattern is None:
-            reason = (Reason.UNSUPPORTED_PAIR, traced.qualified(source.target))
-        else:
-            found.append(
-                Match(pattern, traced.qualified(source.target), norm_name, _kind(producer, norm),
-                      users=len(source.users), extra_arguments=norm_extra)
-            )
-
-    users = list(norm_node.users)
-    consumer = _called_module(modules, users[0]) if users else None
-    if consumer is not None and is_producer(consumer) and users[0].args[:1] == (norm_node,):
-        consumer_name = traced.qualified(users[0].target)
-        pattern = find_pattern(norm, consumer)
-        if pattern is not None:
-            found.append(
-                Match(pattern, consumer_name, norm_name, _kind(norm, consumer),
-                      users=len(users), extra_arguments=norm_extra)
-            )
-        elif not found and isinstance(consumer, _ConvTransposeNd):
-            reason = (Reason.TRANSPOSED_AFTER, consumer_name)
-        elif not found and reason[0] == Reason.NO_PRODUCER:
-            reason = (Reason.UNSUPPORTED_PAIR, consumer_name)
-    return found, reason
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -331,28 +301,59 @@ def _zero_padded(conv: nn.Module) -> bool:
     return any(conv.padding)
 
 
-def _channel_reason(match: Match, producer: nn.Module, norm: nn.Module, observed: Observation | None) -> str | None:
-    """Why the norm might not normalise the producer's channel axis, or None.
+def _channels_and_rank(producer: nn.Module, norm_first: bool) -> tuple[int, int]:
+    """The producer's channels on the norm's side, and the rank of its batched input/output."""
+    if isinstance(producer, nn.Linear):
+        return (producer.in_features if norm_first else producer.out_features), 2
+    return (producer.in_channels if norm_first else producer.out_channels), len(producer.kernel_size) + 2
+
+
+def _channel_reason(match: Match, producers: list[nn.Module], norm: nn.Module, observed: Observation | None) -> str | None:
+    """Why the norm might not normalise the producers' channel axis, or None.
 
     A norm normalises axis 1 of its input. That is the producer's channel axis only for a
     batched input: BatchNorm1d after an unbatched Conv1d (C, L), or after a Linear on (B, N, C),
     normalises something else. BatchNorm2d/3d and FrozenBatchNorm2d reject other ranks
-    themselves; BatchNorm1d and SyncBatchNorm need the observed input rank.
+    themselves; BatchNorm1d and SyncBatchNorm need the observed input rank. Through reshapes,
+    the observed shapes must show the channel axis kept.
     """
     wrong = Reason.LINEAR_NOT_2D if match.pattern.linear else Reason.NOT_CHANNELS
-    if isinstance(producer, nn.Linear):
-        channels, rank = (producer.in_features if match.norm_first else producer.out_features), 2
-    else:
-        channels = producer.in_channels if match.norm_first else producer.out_channels
-        rank = len(producer.kernel_size) + 2
-    if norm.running_mean.numel() != channels:
-        return wrong
     shapes = observed.input_shapes.get(match.norm) if observed else None
+    if match.combine == Combine.CAT:
+        dim = match.dim or 0
+        if shapes and any(dim % len(shape) != 1 for shape in shapes):
+            return Reason.CAT_AXIS
+        if not shapes and dim != 1:
+            return Reason.SHAPE_UNKNOWN if dim < 0 else Reason.CAT_AXIS
+    sides = [_channels_and_rank(p, match.norm_first) for p in producers]
+    channels = [c for c, _ in sides]
+    rank = sides[0][1]
+    expected = sum(channels) if match.combine == Combine.CAT else channels[0]
+    if norm.running_mean.numel() != expected or len({r for _, r in sides}) > 1:
+        return wrong
+    if match.combine == Combine.SUM and len(set(channels)) > 1:
+        return wrong
+    if match.combine == Combine.RESHAPE:
+        made = observed.output_shapes.get(match.producers[0]) if observed else None
+        if not shapes or not made:
+            return Reason.SHAPE_UNKNOWN
+        return None if all(_keeps_channels(a, b, match.pattern.linear) for a, b in zip(made, shapes)) else Reason.RESHAPE_AXIS
     if shapes:
         return wrong if any(len(shape) != rank for shape in shapes) else None
     if match.pattern.linear or isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
         return Reason.SHAPE_UNKNOWN
     return None
+
+
+def _keeps_channels(made: tuple[int, ...], seen: tuple[int, ...], linear: bool) -> bool:
+    """Whether row-major reshapes from ``made`` to ``seen`` leave the channels on the norm's axis 1.
+
+    A Linear's features are its output's last axis: the norm must see (rows, features). A conv's
+    channels are axis 1: the reshapes must keep the leading (batch, channels) axes.
+    """
+    if linear:
+        return len(seen) == 2 and made[-1] == seen[-1]
+    return len(seen) >= 2 and len(made) >= 2 and made[:2] == seen[:2]
 
 
 def skip_reason(match: Match, facts: Facts) -> str | None:
@@ -361,44 +362,46 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
     The subclass checks that need running or tracing the layers (custom forwards) are made
     by the fuse pass after this says yes.
     """
-    producer, norm = facts.modules[match.producer], facts.modules[match.norm]
-    pair = (match.producer, match.norm)
+    producers = [facts.modules[name] for name in match.producers]
+    norm = facts.modules[match.norm]
+    names = (*match.producers, match.norm)
+    layers = [facts.modules[name] for name in names]
     observed = facts.observation
     if _global_hooks():
         return Reason.GLOBAL_HOOKS
-    if any(len(facts.names[id(facts.modules[name])]) > 1 for name in pair):
+    if any(len(facts.names[id(layer)]) > 1 for layer in layers):
         return Reason.SHARED_NAMES
-    if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in pair):
+    if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in names):
         return Reason.CALLED_TWICE
-    if any(_has_hooks(facts.modules[name]) for name in pair):
+    if any(_has_hooks(layer) for layer in layers):
         return Reason.HOOKS
-    if any(parametrize.is_parametrized(facts.modules[name]) for name in pair):
+    if any(parametrize.is_parametrized(layer) for layer in layers):
         return Reason.PARAMETRIZED
-    if any(id(p) in facts.shared_parameters for p in producer.parameters(recurse=False)):
+    if any(id(p) in facts.shared_parameters for producer in producers for p in producer.parameters(recurse=False)):
         return Reason.SHARED_PARAMETER
     if match.users > 1:
         return Reason.NORM_OUTPUT_USERS if match.norm_first else Reason.OTHER_USERS
     if match.extra_arguments:
         return Reason.EXTRA_ARGUMENTS
     read = facts.direct_reads | (observed.direct_reads if observed else set())
-    if match.producer in read or match.norm in read:
+    if any(name in read for name in names):
         return Reason.DIRECT_ACCESS
     if norm.training:
         return Reason.TRAINING
     if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
         return Reason.NO_RUNNING_STATS
-    tensors = [*producer.parameters(recurse=False), *norm.parameters(recurse=False), *norm.buffers(recurse=False)]
+    tensors = [t for layer in layers for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))]
     if any(isinstance(t, UninitializedParameter) for t in tensors):
         return Reason.LAZY
-    if not producer.weight.is_floating_point() or not norm.running_var.is_floating_point():
+    if not all(p.weight.is_floating_point() for p in producers) or not norm.running_var.is_floating_point():
         return Reason.NOT_FLOATING
     if len({t.device for t in tensors if t.is_floating_point()}) > 1:
         return Reason.DEVICES
-    reason = _channel_reason(match, producer, norm, observed)
+    reason = _channel_reason(match, producers, norm, observed)
     if reason is not None:
         return reason
-    if match.norm_first and _zero_padded(producer):
+    if match.norm_first and _zero_padded(producers[0]):
         return Reason.ZERO_PADDING
-    if observed is not None and (observed.calls[match.producer] == 0 or observed.calls[match.norm] == 0):
+    if observed is not None and any(observed.calls[name] == 0 for name in names):
         return Reason.NOT_CALLED
     return None

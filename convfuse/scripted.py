@@ -44,7 +44,9 @@ _SHAPE_ONLY = {"aten::dim", "aten::size", "prim::shape"}
 own input-rank check)."""
 
 _NORM = "aten::batch_norm"
-_CONV_CLASSES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3}
+_CONV_CLASSES = {
+    "Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3
+}
 _SPATIAL = {1: [(256,), (64,)], 2: [(224, 224), (32, 32), (64, 64)], 3: [(8, 112, 112), (16, 64, 64)]}
 _BATCH = 2
 
@@ -81,7 +83,9 @@ def fuse_scripted(
     with _timed(timings, "fold"):
         frozen = _freeze(model)
         graph = frozen.graph
-        report = FuseReport(norm_layers=Count(_count_norms(graph), 0), parameters=Count(_count_weights(graph), 0))
+        report = FuseReport(
+            norm_layers=Count(_count_norms(graph), 0), parameters=Count(_count_weights(graph), 0)
+        )
         fused, skipped = _fold_graph(graph)
         torch._C._jit_pass_dce(graph)
         report.fused, report.skipped = fused, skipped
@@ -123,7 +127,8 @@ def _candidates(model: torch.jit.ScriptModule, example_inputs: Any) -> list[Any]
         dims = _CONV_CLASSES.get(getattr(module, "original_name", ""))
         if dims is not None:
             channels = int(module.in_channels)
-            return [verification.InputSpec(((_BATCH, channels, *spatial),), dtype) for spatial in _SPATIAL[dims]]
+            shapes = [(_BATCH, channels, *spatial) for spatial in _SPATIAL[dims]]
+            return [verification.InputSpec((shape,), dtype) for shape in shapes]
     return []
 
 
@@ -154,7 +159,9 @@ def _no_shape_error(candidates: list[Any], errors: list[InputError]) -> InputErr
     )
 
 
-def _record_reference(model: torch.jit.ScriptModule, example_inputs: Any, *, truth: bool) -> verification.Reference:
+def _record_reference(
+    model: torch.jit.ScriptModule, example_inputs: Any, *, truth: bool
+) -> verification.Reference:
     candidates = _candidates(model, example_inputs)
     errors: list[InputError] = []
     for candidate in candidates:
@@ -227,14 +234,15 @@ def _constant(value: Any) -> Any:
 
 
 _HIERARCHY = re.compile(r"([^.()]+)\(([^()]*)\)")
+_NOT_NAMES = ("SELF", "TOP", "UNKNOWN_INSTANCE")
 _STORED = re.compile(r"^self\.(.+)\.(?:weight|bias|running_mean|running_var)(?:\.\d+)?$")
 
 
 def _module_of(node: Any, stored: Any) -> tuple[str, str | None]:
     """The module path and class name of the call that ran ``node``: from the inlined call stack,
     else from the name freezing gave the constant ``stored``, else the node's output name."""
-    parts = [(name, cls.rsplit(".", 1)[-1]) for name, cls in _HIERARCHY.findall(node.getModuleHierarchy())
-             if name not in ("SELF", "TOP", "UNKNOWN_INSTANCE")]
+    hierarchy = _HIERARCHY.findall(node.getModuleHierarchy())  # "layer1(Sequential).0(BasicBlock)...."
+    parts = [(name, cls.rsplit(".", 1)[-1]) for name, cls in hierarchy if name not in _NOT_NAMES]
     if parts:
         return ".".join(name for name, _ in parts), parts[-1][1]
     match = _STORED.match(stored.debugName()) if stored is not None else None
@@ -254,7 +262,8 @@ def _fold_graph(graph: Any) -> tuple[list[FusedPair], list[Skipped]]:
 
 def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
     """Fold one batch norm into the conv that feeds it, or say why not (the graph is then unchanged)."""
-    inputs = list(norm.inputs())  # input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn
+    # input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
+    inputs = list(norm.inputs())
     norm_name, norm_class = _module_of(norm, inputs[3])
     conv = inputs[0].node()
     if conv.kind() not in _CONVS | _TRANSPOSED_CONVS:
@@ -268,7 +277,8 @@ def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
         return Skipped(norm_name, producer, reason)
     weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups = values
     folded_weight, folded_bias = fuse_conv_bn_weights(
-        weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transpose=transposed, groups=groups
+        weight, bias, running_mean, running_var, eps, norm_weight, norm_bias,
+        transpose=transposed, groups=groups,
     )
     new_weight = torch.empty_like(weight)
     new_weight.copy_(folded_weight)
@@ -291,9 +301,8 @@ def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
 def _check(conv: Any, norm: Any, conv_inputs: list[Any], inputs: list[Any]) -> tuple[str | None, tuple]:
     """Why the pair must not be folded (or None), and the constants the fold needs."""
     uses = conv.output().uses()
-    if sum(1 for u in uses if u.user == norm) != 1 or inputs[0].node() != conv or any(
-        u.user != norm and u.user.kind() not in _SHAPE_ONLY for u in uses
-    ):
+    read_by_norm = sum(1 for u in uses if u.user == norm)
+    if read_by_norm != 1 or any(u.user != norm and u.user.kind() not in _SHAPE_ONLY for u in uses):
         return Reason.OTHER_USERS, ()
     training = _constant(inputs[5])
     running_mean, running_var = _constant(inputs[3]), _constant(inputs[4])

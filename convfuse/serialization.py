@@ -59,7 +59,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as error:
             raise LoadError(f"{path}: the archive is damaged ({error}); is the file complete?") from error
-        if any(name.endswith("/archive_format") or "/models/" in name for name in names):
+        if any(_is_exported_member(name) for name in names):
             return "exported"
         if any("/code/" in name for name in names) or any(name.endswith("constants.pkl") for name in names):
             return "torchscript"
@@ -73,6 +73,15 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return "pickle"
     raise LoadError(f"{path}: not a PyTorch model file (expected torch.save, torch.jit.save or torch.export.save output)")
+
+
+def _is_exported_member(name: str) -> bool:
+    """A file only torch.export.save writes: ``<root>/archive_format`` or ``<root>/models/<name>.json``
+    (a TorchScript archive may hold ``<root>/code/.../models/...``, e.g. torchvision's)."""
+    parts = name.split("/")
+    return (len(parts) == 2 and parts[1] == "archive_format") or (
+        len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json")
+    )
 
 
 def _existing_file(path: Path) -> Path:
@@ -232,15 +241,15 @@ def _admitted_globals(path: Path, scan: _Scan) -> list[tuple[Any, str]]:
     from torch import _weights_only_unpickler as unpickler
 
     torch_allowed = unpickler._get_allowed_globals()
+    if scan.referenced & set(_GRAPH_MODULE):
+        raise UnsafeFileError(
+            f"{path}: refused to load: the file holds a torch.fx GraphModule, whose forward code "
+            f"is stored in the file and would be executed on load; {_TRUST_HINT}"
+        )
     admitted: list[tuple[Any, str]] = []
     for full in sorted(scan.referenced):
         if full in torch_allowed:
             continue
-        if full in _GRAPH_MODULE:
-            raise UnsafeFileError(
-                f"{path}: refused to load: the file holds a torch.fx GraphModule, whose forward code "
-                f"is stored in the file and would be executed on load; {_TRUST_HINT}"
-            )
         if full in _INERT:
             admitted.append((_INERT[full], full))
             continue
@@ -543,7 +552,7 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
             raise SaveError(
                 f"the model cannot be scripted ({_first_line(script_error)}); give --input-shape so it can be traced"
             ) from script_error
-        from convfuse.exported import as_call
+        from convfuse.inputs import as_call
 
         args, kwargs = as_call(example_inputs)
         if kwargs:

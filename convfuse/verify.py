@@ -214,6 +214,8 @@ def _observing(model: nn.Module, observation: Observation) -> Iterator[None]:
     def leave(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             active[name] -= 1
+            if isinstance(output, Tensor):
+                observation.output_shapes.setdefault(name, []).append(tuple(output.shape))
 
         return hook
 

@@ -205,9 +205,8 @@ def test_strict_passes_when_everything_is_fused(tmp_path):
 
 
 def test_torchscript_output(tmp_path):
-    # ReflectNet is scripted nowhere else: a class scripted twice in one process with different
-    # attributes gets a mangled code path (tests/models/___torch_mangle_N.py), see
-    # test_serialization.py::test_detect_format_torchscript_of_a_class_in_a_models_package.
+    # ReflectNet is scripted nowhere else, so its code path is not mangled by an earlier test
+    # (test_torchscript_input_gives_a_torchscript_output covers the mangled case).
     original = randomize_bn(ReflectNet(), 6).eval()
     source = save_model(tmp_path, original, seed=6)
     target = tmp_path / "fused.ts"
@@ -235,11 +234,6 @@ def test_pt2_output_is_an_exported_program(tmp_path):
     assert_same_outputs(original, fused.module(), torch.randn(1, 3, 16, 16))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convfuse bug: the fused TorchScript archive's code path is tests/models/___torch_mangle_N.py, "
-    "which detect_format takes for an ExportedProgram, so convfuse cannot load its own output",
-)
 def test_torchscript_input_gives_a_torchscript_output(tmp_path):
     original = randomize_bn(TwoInputNet(), 10).eval()
     source = tmp_path / "scripted.pt"
@@ -621,8 +615,6 @@ def test_usage_errors_exit_2(tmp_path, case):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="convfuse bug: --device meta is accepted, then verification fails "
-                   "with NotImplementedError and the CLI exits 3 (internal error) instead of 2")
 def test_device_that_cannot_run_the_model(tmp_path):
     source = tiny_file(tmp_path)
     before = snapshot(tmp_path)
@@ -676,7 +668,6 @@ def test_output_equal_to_input_needs_overwrite_input(tmp_path, monkeypatch, spel
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="convfuse bug: --report naming the INPUT file overwrites the input with JSON")
 def test_report_path_equal_to_input_is_refused(tmp_path):
     source = tiny_file(tmp_path)
     before = snapshot(tmp_path)
@@ -685,8 +676,6 @@ def test_report_path_equal_to_input_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="convfuse bug: --report naming the OUTPUT file replaces the fused model "
-                   "with JSON, and the summary still says 'wrote'")
 def test_report_path_equal_to_output_is_refused(tmp_path):
     source = tiny_file(tmp_path)
     target = tmp_path / "fused.pt"
@@ -762,8 +751,6 @@ def test_internal_error_exits_3_without_traceback(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="convfuse bug: the internal-error message is printed without "
-                   "soft_wrap, so rich wraps it over two lines of stderr")
 @pytest.mark.usefixtures("internal_bug")
 def test_internal_error_is_one_line(tmp_path):
     source = tiny_file(tmp_path)

@@ -1,0 +1,204 @@
+"""Finding folds in fx graphs by data flow: which conv/linear outputs each BatchNorm reads.
+
+For each norm node: the producer feeding it directly, through a sum or a channel concat of
+several producers, or through reshapes; else the conv/linear it feeds (norm first). Read-only:
+the result is ``Match`` records for ``patterns.skip_reason`` to judge, and a reason for each
+norm that has no candidate at all.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from convfuse.patterns import Combine, Match, Pattern, Reason, Skipped, find_pattern, is_norm, is_producer
+from convfuse.tracing import TracedGraph
+
+__all__ = ["find_matches"]
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "contiguous")
+_RESHAPE_FUNCTIONS = (torch.reshape, torch.flatten)
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """How a value is made from producer outputs."""
+
+    combine: str
+    producers: list[fx.Node]
+    between: list[fx.Node]  # every node from the producers up to the value, producers included
+    dim: int | None = None
+
+
+def find_matches(graphs: list[TracedGraph], model: nn.Module) -> tuple[list[Match], list[Skipped]]:
+    """Every candidate fold in ``graphs``, and a reason for each norm node that has none.
+
+    A norm may get two candidates (what feeds it, and the layer after it); the first is
+    preferred. Norms that appear in no graph are the caller's to explain (untraced or never
+    called), since it knows whether the model ran.
+    """
+    matches: list[Match] = []
+    skipped: list[Skipped] = []
+    for traced in graphs:
+        modules = dict(traced.root.named_modules(remove_duplicate=False))
+        for node in traced.graph.nodes:
+            if node.op == "call_module" and is_norm(modules[node.target]):
+                found, (reason, producer) = _candidates(traced, modules, node)
+                matches.extend(found)
+                if not found:
+                    skipped.append(Skipped(traced.qualified(node.target), producer, reason))
+    return matches, skipped
+
+
+def _module(modules: dict[str, nn.Module], node: object) -> nn.Module | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return modules[node.target]
+    return None
+
+
+def _is_producer_node(modules: dict[str, nn.Module], node: object) -> bool:
+    module = _module(modules, node)
+    return module is not None and is_producer(module)
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    return node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+
+
+def _sum_terms(node: fx.Node, between: list[fx.Node]) -> list[object]:
+    """The terms of a tree of additions, in order; its inner additions are added to ``between``."""
+    terms: list[object] = []
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and _is_add(arg):
+            between.append(arg)
+            terms.extend(_sum_terms(arg, between))
+        else:
+            terms.append(arg)
+    return terms
+
+
+def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
+    """How ``value`` (a norm's input) is made from producer outputs, or why it is not."""
+    if not isinstance(value, fx.Node):
+        return Reason.NO_PRODUCER
+    if _is_producer_node(modules, value):
+        return _Feed(Combine.DIRECT, [value], [value])
+    if _is_add(value):
+        between: list[fx.Node] = [value]
+        terms = _sum_terms(value, between)
+        if not all(_is_producer_node(modules, t) for t in terms) or len(set(terms)) != len(terms):
+            return Reason.SUM_TERMS
+        return _Feed(Combine.SUM, terms, between + terms)  # type: ignore[arg-type]
+    if value.op == "call_function" and value.target in _CATS:
+        parts = value.args[0] if value.args else value.kwargs.get("tensors")
+        dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+            return Reason.CAT_TERMS
+        if not all(_is_producer_node(modules, p) for p in parts) or len(set(parts)) != len(parts):
+            return Reason.CAT_TERMS
+        return _Feed(Combine.CAT, list(parts), [value, *parts], dim)
+    if _is_reshape(value):
+        chain = [value]
+        source = value.args[0] if value.args else None
+        while isinstance(source, fx.Node) and _is_reshape(source):
+            chain.append(source)
+            source = source.args[0] if source.args else None
+        if _is_producer_node(modules, source):
+            assert isinstance(source, fx.Node)
+            return _Feed(Combine.RESHAPE, [source], [*chain, source])
+    return Reason.NO_PRODUCER
+
+
+_METADATA_METHODS = ("size", "dim")
+_METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
+
+
+def _real_users(node: fx.Node) -> int:
+    """Users of ``node`` that read its values (not just its shape or dtype)."""
+    count = 0
+    for user in node.users:
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        if user.op == "call_function" and user.target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
+            continue
+        count += 1
+    return count
+
+
+def _kind(combine: str, producers: list[nn.Module], norm: nn.Module) -> str:
+    names = [type(p).__name__ for p in producers]
+    norm_name = type(norm).__name__
+    if combine == Combine.SUM:
+        return f"({' + '.join(names)})+{norm_name}"
+    if combine == Combine.CAT:
+        return f"cat({', '.join(names)})+{norm_name}"
+    if combine == Combine.RESHAPE:
+        return f"{names[0]}+reshape+{norm_name}"
+    return f"{names[0]}+{norm_name}"
+
+
+def _candidates(
+    traced: TracedGraph, modules: dict[str, nn.Module], norm_node: fx.Node
+) -> tuple[list[Match], tuple[str, str | None]]:
+    norm = modules[norm_node.target]
+    norm_name = traced.qualified(norm_node.target)
+    extra = len(norm_node.args) != 1 or bool(norm_node.kwargs)
+    found: list[Match] = []
+    reason: tuple[str, str | None] = (Reason.NO_PRODUCER, None)
+
+    feed = _feed(modules, norm_node.args[0] if norm_node.args else None)
+    if isinstance(feed, str):
+        reason = (feed, None)
+    else:
+        layers = [modules[node.target] for node in feed.producers]
+        names = tuple(traced.qualified(node.target) for node in feed.producers)
+        reshaped = feed.combine == Combine.RESHAPE
+        patterns = [find_pattern(layer, norm, reshaped=reshaped) for layer in layers]
+        if any(p is None for p in patterns):
+            reason = (Reason.UNSUPPORTED_PAIR, ", ".join(names))
+        else:
+            found.append(Match(
+                producers=names,
+                patterns=tuple(p for p in patterns if p is not None),
+                norm=norm_name,
+                kind=_kind(feed.combine, layers, norm),
+                users=max(_real_users(node) for node in feed.between),
+                extra_arguments=extra,
+                combine=feed.combine,
+                dim=feed.dim,
+            ))
+
+    users = list(norm_node.users)
+    consumer = _module(modules, users[0]) if users else None
+    if consumer is not None and is_producer(consumer) and users[0].args[:1] == (norm_node,):
+        consumer_name = traced.qualified(users[0].target)
+        pattern: Pattern | None = find_pattern(norm, consumer)
+        if pattern is not None:
+            found.append(Match(
+                producers=(consumer_name,),
+                patterns=(pattern,),
+                norm=norm_name,
+                kind=f"{type(norm).__name__}+{type(consumer).__name__}",
+                users=len(users),
+                extra_arguments=extra,
+            ))
+        elif not found and isinstance(consumer, _ConvTransposeNd):
+            reason = (Reason.TRANSPOSED_AFTER, consumer_name)
+        elif not found and reason[0] == Reason.NO_PRODUCER:
+            reason = (Reason.UNSUPPORTED_PAIR, consumer_name)
+    return found, reason
