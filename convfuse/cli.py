@@ -117,6 +117,11 @@ def convfuse(
                      show_default=False),
     ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification (the report says so).")] = False,
+    reparam: Annotated[
+        bool,
+        typer.Option("--reparam", help="Also merge blocks that sum conv branches on one input (RepVGG, MobileOne) "
+                     "into one conv; changes those blocks' structure."),
+    ] = False,
     eval_mode: Annotated[
         bool, typer.Option("--eval", help="Put a model saved in training mode into eval mode before fusing.")
     ] = False,
@@ -229,7 +234,8 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
     try:
         with _status(out, quiet, "Tracing, fusing and verifying"):
             result = fuse(
-                model, example, verify=not options["no_verify"], atol=options["atol"], rtol=options["rtol"], inplace=True
+                model, example, verify=not options["no_verify"], atol=options["atol"], rtol=options["rtol"],
+                inplace=True, reparam=options["reparam"],
             )
         report = result.report
         if options["strict"] and report.norm_layers.after:

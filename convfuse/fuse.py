@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError, VerificationError
-from convfuse.folding import bn_scale_shift, fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
 from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
+from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.matching import find_matches
 from convfuse.patterns import (
     Combine,
@@ -36,7 +37,8 @@ from convfuse.patterns import (
     overrides_forward,
     skip_reason,
 )
-from convfuse.report import Count, FusedPair, FuseReport
+from convfuse.reparam import plan_merges
+from convfuse.report import Count, FusedPair, FuseReport, Merged
 from convfuse.tracing import Tracing, trace_model
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
@@ -60,6 +62,7 @@ def fuse(
     atol: float | None = None,
     rtol: float | None = None,
     inplace: bool = False,
+    reparam: bool = False,
 ) -> FuseResult:
     """Fold every BatchNorm that can be folded exactly into the conv/linear layer beside it.
 
@@ -73,6 +76,9 @@ def fuse(
             by default they are derived from the model's own rounding error.
         inplace: fuse ``model`` itself (saves memory) rather than a copy. With ``inplace`` a
             failed verification leaves the model fused; without it ``model`` is never touched.
+        reparam: also replace blocks that sum conv branches on one input (RepVGG, MobileOne)
+            by a single conv. Changes the module structure more deeply: those blocks become
+            an ``nn.Conv2d`` (or a Sequential of it and the block's activation).
 
     Returns:
         FuseResult with ``.model`` (same class as ``model``) and ``.report``.
@@ -85,10 +91,14 @@ def fuse(
     if isinstance(model, torch.export.ExportedProgram):
         from convfuse.exported import fuse_exported
 
+        if reparam:
+            raise UsageError("reparam is supported for nn.Module models, not ExportedPrograms")
         return fuse_exported(model, example_inputs, verify=verify, atol=atol, rtol=rtol)
     if isinstance(model, torch.jit.ScriptModule):
         from convfuse.scripted import fuse_scripted
 
+        if reparam:
+            raise UsageError("reparam is supported for nn.Module models, not TorchScript")
         return fuse_scripted(model, example_inputs, verify=verify, atol=atol, rtol=rtol, inplace=inplace)
     if not isinstance(model, nn.Module):
         raise UsageError(f"convfuse.fuse expects a torch.nn.Module, got {type(model).__name__}")
@@ -114,14 +124,41 @@ def fuse(
         else:
             batch, observation = verification.observe(model, example_inputs)
     report = fuse_pass(model, observation, timings, tracing=tracing)
+    if reparam:
+        with _timed(timings, "reparam"):
+            _reparameterise(model, report, observation)
     if verify:
+        probes = _probes_holding(tracing, report.fused)
+        if probes and not all(_has_submodule(model, name) for name in probes):
+            probes = None  # a probed part was merged away by reparam
         with _timed(timings, "verify"):
-            report.verification = verification.compare(
-                model, reference, atol=atol, rtol=rtol, probes=_probes_holding(tracing, report.fused)
-            )
+            report.verification = verification.compare(model, reference, atol=atol, rtol=rtol, probes=probes)
         if not report.verification.passed:
             raise VerificationError(f"verification failed: {report.verification.message}", report)
     return FuseResult(model, report, batch)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _reparameterise(model: nn.Module, report: FuseReport, observation: Observation | None) -> None:
+    """Replace every block of summed conv branches by one conv, and say so in the report."""
+    merges = plan_merges(model, observation)
+    for merge in merges:
+        parent_name, _, attribute = merge.module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attribute, merge.replacement)
+        report.reparam.append(Merged(merge.module, merge.kind, merge.branches, merge.kernel))
+        report.fused.extend(FusedPair(f"{merge.module} (merged conv)", norm, f"reparam:{merge.kind}") for norm in merge.norms)
+    gone = tuple(f"{merge.module}." for merge in merges)
+    report.skipped = [s for s in report.skipped if not s.norm.startswith(gone)] if gone else report.skipped
+    report.norm_layers = Count(report.norm_layers.before, _count_norms(model))
+    report.parameters = Count(report.parameters.before, _count_parameters(model))
 
 
 def _trace(model: nn.Module) -> Tracing:
@@ -240,15 +277,15 @@ def _try_fold(match: Match, facts: Facts) -> Skipped | None:
         return Skipped(match.norm, match.producer, Reason.NORM_FORWARD, str(error))
     if match.norm_first and not fold.normalises_only:
         return Skipped(match.norm, match.producer, Reason.NORM_DOES_MORE_BEFORE)
-    if norm_custom and not _norm_proven(match, facts, norm, fold):
+    if norm_custom and not norm_proven(norm, fold, _seen_shape(facts, match.norm)):
         return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
     updates = []
     for index, (name, pattern) in enumerate(zip(match.producers, match.patterns)):
         producer = facts.modules[name]
         stats = _stats_for(match, index, fold, facts)
         weight, bias = _folded_weights(match, pattern, producer, stats)
-        if overrides_forward(producer, pattern.producer) and not _producer_proven(
-            match, facts, name, stats, weight, bias
+        if overrides_forward(producer, pattern.producer) and not producer_proven(
+            producer, stats, weight, bias, norm_first=match.norm_first, shape=_seen_shape(facts, name)
         ):
             return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
         updates.append((producer, weight, bias))
@@ -256,10 +293,6 @@ def _try_fold(match: Match, facts: Facts) -> Skipped | None:
         _write(producer, weight, bias)
     _replace(facts, match.norm, fold.remainder)
     return None
-
-
-Stats = tuple[Tensor, Tensor, float, "Tensor | None", "Tensor | None"]
-"""running_mean, running_var, eps, weight, bias: what one producer absorbs."""
 
 
 def _stats_for(match: Match, index: int, fold: NormFold, facts: Facts) -> Stats:
@@ -311,86 +344,9 @@ def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:
     facts.modules[name] = replacement
 
 
-# -- local proofs for subclasses that override forward ------------------------------------
-
-
 def _seen_shape(facts: Facts, name: str) -> tuple[int, ...] | None:
     seen = facts.observation.input_shapes.get(name) if facts.observation else None
     return seen[0] if seen else None
-
-
-def _made_up_shape(producer: nn.Module) -> tuple[int, ...]:
-    """A small input that fits ``producer``, where the real run did not show one."""
-    if isinstance(producer, nn.Linear):
-        return (2, producer.in_features)
-    spatial = [16 + d * (k - 1) for d, k in zip(producer.dilation, producer.kernel_size)]
-    return (2, producer.in_channels, *spatial)
-
-
-def _affine(x: Tensor, stats: Stats, axis: int) -> Tensor:
-    """``x * scale + shift`` per channel along ``axis``: what a BatchNorm computes at eval."""
-    scale, shift = bn_scale_shift(*stats)
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return x * scale.reshape(shape).to(x.device) + shift.reshape(shape).to(x.device)
-
-
-def _agree(expected: Tensor, actual: Tensor) -> bool:
-    if expected.shape != actual.shape:
-        return False
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    return bool(torch.allclose(actual, expected, rtol=0.0, atol=1e-9 * max(scale, 1e-30)))
-
-
-def _probes(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(device) for _ in range(2)]
-
-
-def _norm_proven(match: Match, facts: Facts, norm: nn.Module, fold: NormFold) -> bool:
-    """Whether a norm subclass computes ``remainder(batch_norm(x))`` with the folded statistics,
-    on random float64 inputs of the shape it saw (its forward was analysed, not trusted)."""
-    channels = fold.running_mean.numel()
-    shape = _seen_shape(facts, match.norm) or (2, channels, 8, 8)
-    stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
-    try:
-        original = copy.deepcopy(norm).to(torch.float64)
-        remainder = copy.deepcopy(fold.remainder).to(torch.float64)
-        with torch.no_grad():
-            return all(
-                _agree(original(x), remainder(_affine(x, stats, 1))) for x in _probes(shape, fold.running_mean.device)
-            )
-    except Exception:  # a layer that cannot run alone or in float64 proves nothing
-        return False
-
-
-def _producer_proven(match: Match, facts: Facts, name: str, stats: Stats, weight: Tensor, bias: Tensor) -> bool:
-    """Whether a conv/linear subclass with its own forward computes, with the folded weight and
-    bias, exactly the norm's affine map of its original output (or of its input, norm first).
-
-    The fold is linear algebra on the layer's parameters, so agreement to float64 precision on
-    random inputs proves the forward uses them as the base class does: dynamic 'same' padding
-    passes, weight standardisation does not.
-    """
-    producer = facts.modules[name]
-    shape = _seen_shape(facts, name) or _made_up_shape(producer)
-    axis = -1 if isinstance(producer, nn.Linear) else 1
-    try:
-        original = copy.deepcopy(producer).to(torch.float64)
-        folded = copy.deepcopy(original)
-        with torch.no_grad():
-            folded.weight.copy_(weight)
-            folded.bias = nn.Parameter(bias.clone())
-            for x in _probes(shape, producer.weight.device):
-                if match.norm_first:
-                    expected = original(_affine(x, stats, axis if axis == -1 else 1))
-                else:
-                    expected = _affine(original(x), stats, axis)
-                if not _agree(expected, folded(x)):
-                    return False
-    except Exception:  # a layer that cannot run alone or in float64 proves nothing
-        return False
-    return True
 
 
 def _left_unfused(

@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 from convfuse.patterns import Combine, Match, Pattern, Reason, Skipped, find_pattern, is_norm, is_producer
 from convfuse.tracing import TracedGraph
 
-__all__ = ["find_matches"]
+__all__ = ["find_matches", "is_add", "real_users", "sum_terms", "through_identities"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _CATS = (torch.cat, torch.concat, torch.concatenate)
@@ -68,7 +68,7 @@ def _is_producer_node(modules: dict[str, nn.Module], node: object) -> bool:
     return module is not None and is_producer(module)
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADDS:
         return len(node.args) == 2 and not node.kwargs
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
@@ -80,14 +80,24 @@ def _is_reshape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
 
 
-def _sum_terms(node: fx.Node, between: list[fx.Node]) -> list[object]:
-    """The terms of a tree of additions, in order; its inner additions are added to ``between``."""
+def through_identities(modules: dict[str, nn.Module], value: object, between: list[fx.Node]) -> object:
+    """``value`` with any nn.Identity calls in front of it skipped (they are added to ``between``)."""
+    while isinstance(value, fx.Node) and isinstance(_module(modules, value), nn.Identity) and len(value.args) == 1:
+        between.append(value)
+        value = value.args[0]
+    return value
+
+
+def sum_terms(modules: dict[str, nn.Module], node: fx.Node, between: list[fx.Node]) -> list[object]:
+    """The terms of a tree of additions, in order, through nn.Identity calls and without literal
+    zeros (``out = 0; out += conv(x)``); the inner nodes are added to ``between``."""
     terms: list[object] = []
     for arg in node.args:
-        if isinstance(arg, fx.Node) and _is_add(arg):
+        arg = through_identities(modules, arg, between)
+        if isinstance(arg, fx.Node) and is_add(arg):
             between.append(arg)
-            terms.extend(_sum_terms(arg, between))
-        else:
+            terms.extend(sum_terms(modules, arg, between))
+        elif not (isinstance(arg, (int, float)) and not isinstance(arg, bool) and arg == 0):
             terms.append(arg)
     return terms
 
@@ -98,9 +108,9 @@ def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
         return Reason.NO_PRODUCER
     if _is_producer_node(modules, value):
         return _Feed(Combine.DIRECT, [value], [value])
-    if _is_add(value):
+    if is_add(value):
         between: list[fx.Node] = [value]
-        terms = _sum_terms(value, between)
+        terms = sum_terms(modules, value, between)
         if not all(_is_producer_node(modules, t) for t in terms) or len(set(terms)) != len(terms):
             return Reason.SUM_TERMS
         return _Feed(Combine.SUM, terms, between + terms)  # type: ignore[arg-type]
@@ -128,7 +138,7 @@ _METADATA_METHODS = ("size", "dim")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
 
 
-def _real_users(node: fx.Node) -> int:
+def real_users(node: fx.Node) -> int:
     """Users of ``node`` that read its values (not just its shape or dtype)."""
     count = 0
     for user in node.users:
@@ -177,7 +187,7 @@ def _candidates(
                 patterns=tuple(p for p in patterns if p is not None),
                 norm=norm_name,
                 kind=_kind(feed.combine, layers, norm),
-                users=max(_real_users(node) for node in feed.between),
+                users=max(real_users(node) for node in feed.between),
                 extra_arguments=extra,
                 combine=feed.combine,
                 dim=feed.dim,

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NormFold", "NormNotFoldable", "analyse_norm"]
+__all__ = ["NormFold", "NormNotFoldable", "analyse_norm", "as_sequence", "as_step"]
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,13 @@ _METHODS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _step(norm: nn.Module, node: fx.Node) -> tuple[str, nn.Module]:
-    """One link of the remainder chain as (name, module), or NormNotFoldable."""
+def as_step(owner: nn.Module, node: fx.Node) -> tuple[str, nn.Module] | None:
+    """A one-input node of ``owner``'s graph as a (name, module) link of a chain: a submodule
+    called on one argument, or a known activation function; None for anything else."""
     if node.op == "call_module":
         if node.kwargs or len(node.args) != 1:
-            raise NormNotFoldable(f"its forward calls {node.target} with extra arguments")
-        return node.target.replace(".", "_"), norm.get_submodule(node.target)
+            return None
+        return node.target.replace(".", "_"), owner.get_submodule(node.target)
     if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
         return node.target.rstrip("_"), _METHODS[node.target]()
     if node.op == "call_function":
@@ -180,7 +181,19 @@ def _step(norm: nn.Module, node: fx.Node) -> tuple[str, nn.Module]:
             module = _module_for(fn, kwargs)
             if module is not None:
                 return getattr(fn, "__name__", "act"), module
-    raise NormNotFoldable(f"its forward applies {node.format_node()} after normalising")
+    return None
+
+
+def as_sequence(steps: list[tuple[str, nn.Module]]) -> nn.Module:
+    """A chain of modules as one: Identity for none, else an nn.Sequential with readable names.
+    nn.Identity links are dropped: they compute nothing and would only cost a call."""
+    steps = [(name, module) for name, module in steps if type(module) is not nn.Identity]
+    if not steps:
+        return nn.Identity()
+    names = [name for name, _ in steps]
+    if len(set(names)) != len(names):
+        steps = [(f"{i}_{name}", module) for i, (name, module) in enumerate(steps)]
+    return nn.Sequential(OrderedDict(steps))
 
 
 def _remainder(norm: nn.Module, graph: fx.Graph, bn_node: fx.Node, input_node: fx.Node) -> nn.Module:
@@ -206,11 +219,9 @@ def _remainder(norm: nn.Module, graph: fx.Graph, bn_node: fx.Node, input_node: f
             break
         if len(node.all_input_nodes) != 1 or node.args[:1] != (current,) or len(current.users) != 1:
             raise NormNotFoldable(f"its forward does more than a chain of layers after normalising ({node.name})")
-        steps.append(_step(norm, node))
+        step = as_step(norm, node)
+        if step is None:
+            raise NormNotFoldable(f"its forward applies {node.format_node()} after normalising")
+        steps.append(step)
         current = node
-    if not steps:
-        return nn.Identity()
-    names = [name for name, _ in steps]
-    if len(set(names)) != len(names):
-        steps = [(f"{i}_{name}", module) for i, (name, module) in enumerate(steps)]
-    return nn.Sequential(OrderedDict(steps))
+    return as_sequence(steps)

@@ -13,7 +13,7 @@ from convfuse.patterns import Skipped
 from convfuse.tracing import Untraced
 from convfuse.verify import Verification
 
-__all__ = ["Count", "FusedPair", "FuseReport"]
+__all__ = ["Count", "FusedPair", "FuseReport", "Merged"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,16 @@ class FusedPair:
     producer: str
     norm: str
     kind: str
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A block of summed conv branches replaced by one conv (``reparam=True``)."""
+
+    module: str
+    kind: str
+    branches: int
+    kernel: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class FuseReport:
     norm_layers: Count = Count(0, 0)
     parameters: Count = Count(0, 0)
     timings: dict[str, float] = field(default_factory=dict)
+    reparam: list[Merged] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report of DESIGN.md (plus ``timings`` in seconds)."""
@@ -56,6 +67,7 @@ class FuseReport:
             "norm_layers": asdict(self.norm_layers),
             "parameters": asdict(self.parameters),
             "timings": {name: round(seconds, 4) for name, seconds in self.timings.items()},
+            "reparam": [{**asdict(m), "kernel": list(m.kernel)} for m in self.reparam],
         }
 
     def summary(self) -> str:
@@ -83,6 +95,15 @@ class FuseReport:
             table.add_column("kind")
             for pair in self.fused:
                 table.add_row(pair.producer, pair.norm, pair.kind)
+            parts.append(table)
+        if self.reparam:
+            table = Table(title=f"Re-parameterised blocks ({len(self.reparam)})", title_justify="left")
+            table.add_column("module")
+            table.add_column("kind")
+            table.add_column("branches", justify="right")
+            table.add_column("merged kernel")
+            for m in self.reparam:
+                table.add_row(m.module, m.kind, str(m.branches), "x".join(map(str, m.kernel)))
             parts.append(table)
         if self.skipped:
             table = Table(title=f"Left unfused ({len(self.skipped)})", title_justify="left")

@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 BATCHES = 3
+_SKIP_HINT = "verify=False (--no-verify)"
 
 NOISE_FACTOR = 8.0
 """How many times the original's own rounding error a fused output may differ by."""
@@ -529,17 +530,17 @@ class _Tally:
                 f"{self.noise:.3g} of the output's scale at {self.worst} (measured against float64), too "
                 f"large to tell a correct fold from a wrong one (the fused model differs by "
                 f"{self.max_rel:.3g}); check the model for exploding activations, accept a difference "
-                "with --rtol/--atol, or skip verification with --no-verify"
+                f"with rtol=/atol= (--rtol/--atol), or skip verification with {_SKIP_HINT}"
             )
         if math.isinf(self.max_abs):
             error = "non-finite values (NaN or inf where the original has none, or the reverse)"
         else:
             error = f"{self.max_abs:.3g} ({self.max_rel:.3g} of the output's scale)"
-        if self.worst_atol:
-            allowed = f"atol {self.worst_atol:.3g}" + (f" + rtol {self.worst_rtol:.3g}" if self.worst_rtol else "")
+        if self.atol is not None or self.rtol is not None:
+            allowed = f"atol={self.worst_atol:.3g} + rtol={self.worst_rtol:.3g} x scale"
         else:
             allowed = f"{self.worst_rtol:.3g} of the output's scale"
-        return f"the fused model differs from the original at {self.worst} by {error}, more than the {allowed} allowed"
+        return f"the fused model differs from the original at {self.worst} by {error}; allowed: {allowed}"
 
     def into(self, result: Verification) -> Verification:
         result.max_abs_error, result.max_rel_error = self.max_abs, self.max_rel
@@ -577,7 +578,7 @@ def compare(
             message=(
                 "the original model gives different outputs on two runs of the same input, so its "
                 "outputs cannot be compared (random ops or state that changes between calls?); fix "
-                "the model, give --atol/--rtol, or skip verification with --no-verify"
+                f"the model, give atol=/rtol= (--atol/--rtol), or skip verification with {_SKIP_HINT}"
             ),
         )
     if user_rule:

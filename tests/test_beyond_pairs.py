@@ -215,3 +215,103 @@ def test_linear_on_3d_input_stays_safe() -> None:
     result = _fuse(Trap(), torch.randn(2, 5, 6))
     assert result.report.fused == []
     assert _skip(result, "bn") == Reason.LINEAR_NOT_2D
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG: 3x3 conv-BN + 1x1 conv-BN + identity BN, summed, then ReLU."""
+
+    def __init__(self, channels: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=False),
+                                   nn.BatchNorm2d(channels))
+        self.one = nn.Sequential(nn.Conv2d(channels, channels, 1, stride, 0, groups=groups, bias=False),
+                                 nn.BatchNorm2d(channels))
+        self.identity = nn.BatchNorm2d(channels) if stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.dense(x) + self.one(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return self.act(out)
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne: several 3x3 conv-BN branches, a 1x1 'scale' branch, a skip BN; no activation."""
+
+    def __init__(self, channels: int, branches: int = 3) -> None:
+        super().__init__()
+        self.skip = nn.BatchNorm2d(channels)
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels))
+            for _ in range(branches)
+        )
+        self.scale = nn.Sequential(nn.Conv2d(channels, channels, 1, groups=channels, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = self.skip(x) + self.scale(x)
+        for conv in self.convs:
+            out = out + conv(x)
+        return out
+
+
+class RepNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = RepVGGBlock(4, stride=1)
+        self.down = RepVGGBlock(4, stride=2, groups=2)
+        self.mobile = MobileOneBlock(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.mobile(self.down(self.stem(x))).mean(dim=(2, 3)))
+
+
+def test_reparam_merges_branch_blocks_into_one_conv() -> None:
+    model = randomize_bn(RepNet()).eval()
+    x = torch.randn(2, 4, 12, 12)
+    plain = convfuse.fuse(model, x)
+    assert {s.norm for s in plain.report.skipped} == {"stem.identity", "mobile.skip"}
+    result = convfuse.fuse(model, x, reparam=True)
+    assert result.report.verification.passed
+    assert norm_names(result.model) == set()
+    assert type(result.model) is RepNet
+    merged = {m.module: m for m in result.report.reparam}
+    assert set(merged) == {"stem", "down", "mobile"}
+    assert (merged["stem"].branches, merged["down"].branches, merged["mobile"].branches) == (3, 2, 5)
+    assert isinstance(result.model.mobile, nn.Conv2d) and result.model.mobile.groups == 4
+    assert isinstance(result.model.stem, nn.Sequential)
+    assert isinstance(result.model.stem.conv, nn.Conv2d) and isinstance(result.model.stem.act, nn.ReLU)
+    assert result.model.down.conv.stride == (2, 2)
+    assert result.report.skipped == []
+    assert result.report.to_dict()["reparam"][0]["kernel"] == [3, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class NearMiss(nn.Module):
+    """Branches that cannot merge: a dilated conv and a zero-padding mismatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        return self.a(x) + self.b(x), self.c(x) + x
+
+
+def test_reparam_leaves_blocks_whose_branches_do_not_line_up() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = NearMiss()
+
+        def forward(self, x):
+            return self.block(x)
+
+    model = Holder().eval()
+    result = convfuse.fuse(model, torch.randn(2, 4, 8, 8), reparam=True)
+    assert result.report.reparam == []
+    assert isinstance(result.model.block, NearMiss)

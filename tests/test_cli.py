@@ -261,7 +261,7 @@ def test_arch_without_input_is_a_demo(tmp_path):
 
 def check_report_shape(data: dict) -> None:
     assert DESIGN_KEYS <= set(data)
-    assert set(data) - DESIGN_KEYS <= {"timings"}
+    assert set(data) - DESIGN_KEYS <= {"timings", "reparam"}
     for pair in data["fused"]:
         assert set(pair) == {"producer", "norm", "kind"}
         assert all(isinstance(v, str) for v in pair.values())
