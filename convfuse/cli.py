@@ -69,10 +69,11 @@ def convfuse(
             "a TorchScript archive, or an ExportedProgram (.pt2). Omit it with --arch to fuse "
             "a freshly built architecture (a demo).",
             show_default=False,
+            metavar="INPUT",
         ),
     ] = None,
     output: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="Where to write the fused model.", show_default=False)
+        Optional[Path], typer.Option("-o", "--output", help="Where to write the fused model.", show_default=False, metavar="OUTPUT")
     ] = None,
     input_shape: Annotated[
         Optional[list[str]],
