@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -23,7 +21,7 @@ from rich.console import Console
 
 from convfuse import __version__
 from convfuse.errors import CheckFailed, ConvfuseError, StrictError, TrainingModeError, UsageError
-from convfuse.report import FuseReport
+from convfuse.report import FuseReport, timed
 
 app = typer.Typer(
     add_completion=False,
@@ -179,7 +177,6 @@ def _console(stream: Any) -> Console:
 
 
 def _main(options: dict[str, Any], out: Console, err: Console) -> None:
-    import torch
 
     from convfuse import serialization
     from convfuse.fuse import fuse
@@ -211,7 +208,7 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
         serialization.check_writable(options["report"])
 
     timings: dict[str, float] = {}
-    with _status(out, quiet, "Loading the model"), _timed(timings, "load"):
+    with _status(out, quiet, "Loading the model"), timed(timings, "load"):
         if source is None:
             model = serialization.build_arch(options["arch"])
             input_format = "pickle"
@@ -247,7 +244,7 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
         written = None
         if not options["dry_run"]:
             assert target is not None
-            with _status(out, quiet, f"Saving {target}"), _timed(timings, "save"):
+            with _status(out, quiet, f"Saving {target}"), timed(timings, "save"):
                 serialization.save(
                     result.model, target, format=output_format or _default_format(input_format, target),
                     example_inputs=result.example_inputs,
@@ -323,15 +320,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-@contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = time.perf_counter() - start
 
 
 def _status(console: Console, quiet: bool, text: str) -> Any:

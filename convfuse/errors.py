@@ -59,3 +59,10 @@ class VerificationError(CheckFailed):
 
 class StrictError(CheckFailed):
     """``--strict`` was given and some BatchNorm layers are left unfused."""
+
+
+def first_line(error: BaseException, limit: int = 240) -> str:
+    """The first line of an exception's message, shortened: for one-line error reports."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +19,10 @@ from torch.export.graph_signature import InputKind
 
 from convfuse import inputs
 from convfuse import verify as verification
-from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, VerificationError
+from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, first_line
+from convfuse.report import timed
 from convfuse.exported_rewrite import fuse_program
-from convfuse.fuse import FuseResult
+from convfuse.fuse import FuseResult, verify_fused
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]
 
@@ -55,7 +53,7 @@ def load_exported(path: str | Path, *, trust: bool = False) -> ExportedProgram:
             program = torch.export.load(f)
     except Exception as error:
         raise LoadError(
-            f"{path}: the ExportedProgram cannot be loaded ({type(error).__name__}: {_first_line(error)}); "
+            f"{path}: the ExportedProgram cannot be loaded ({type(error).__name__}: {first_line(error)}); "
             "is the file complete and written by torch.export.save?"
         ) from error
     if not isinstance(program, ExportedProgram):
@@ -76,7 +74,7 @@ def _check_archive(path: Path) -> None:
                     _check_weights_only(path, archive.read(name), inner)
     except (zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
         raise LoadError(
-            f"{path}: the archive is damaged ({_first_line(error)}); is the file complete?"
+            f"{path}: the archive is damaged ({first_line(error)}); is the file complete?"
         ) from error
 
 
@@ -96,15 +94,9 @@ def _check_weights_only(path: Path, data: bytes, inner: str) -> None:
     except Exception as error:
         raise UnsafeFileError(
             f"{path}: refused to load: {inner} is not readable by torch's weights-only loader "
-            f"({_first_line(error)}), and torch.export.load would then unpickle it without restrictions; "
+            f"({first_line(error)}), and torch.export.load would then unpickle it without restrictions; "
             f"{_TRUST_HINT}"
         ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # -- exporting for saving ---------------------------------------------------------------
@@ -138,7 +130,7 @@ def to_exported(model: Any, example_inputs: Any) -> ExportedProgram:
     except Exception as error:
         raise SaveError(
             f"{type(model).__name__} cannot be exported with torch.export ({type(error).__name__}: "
-            f"{_first_line(error)}); write it as a pickle or TorchScript instead (--format)"
+            f"{first_line(error)}); write it as a pickle or TorchScript instead (--format)"
         ) from error
 
 
@@ -161,7 +153,7 @@ def fuse_exported(
     """
     timings: dict[str, float] = {}
     user_tolerance = atol is not None or rtol is not None
-    with _timed(timings, "reference"):
+    with timed(timings, "reference"):
         if verify:
             batch = _example_batch(program, example_inputs)
             runner, example = _runner(program.module(), batch)
@@ -171,25 +163,13 @@ def fuse_exported(
                 batch = _example_batch(program, example_inputs)
             except InputError:
                 batch = None
-    with _timed(timings, "fold"):
+    with timed(timings, "fold"):
         fused, report = fuse_program(program)
     report.timings = timings
     if verify:
-        with _timed(timings, "verify"):
-            runner, _ = _runner(fused.module(), batch)
-            report.verification = verification.compare(runner, reference, atol=atol, rtol=rtol)
-        if not report.verification.passed:
-            raise VerificationError(f"verification failed: {report.verification.message}", report)
+        runner, _ = _runner(fused.module(), batch)
+        verify_fused(report, runner, reference, atol=atol, rtol=rtol)
     return FuseResult(fused, report, batch)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 # -- inputs -----------------------------------------------------------------------------

@@ -9,9 +9,6 @@ forward does after normalising). The model keeps its class, names and methods.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +35,7 @@ from convfuse.patterns import (
     skip_reason,
 )
 from convfuse.reparam import plan_merges
-from convfuse.report import Count, FusedPair, FuseReport, Merged
+from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
 from convfuse.tracing import Tracing, trace_model
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
@@ -110,12 +107,12 @@ def fuse(
         )
     timings: dict[str, float] = {}
     if not inplace:
-        with _timed(timings, "copy"):
+        with timed(timings, "copy"):
             model = copy.deepcopy(model)
     user_tolerance = atol is not None or rtol is not None
-    with _timed(timings, "trace"):
+    with timed(timings, "trace"):
         tracing = _trace(model)
-    with _timed(timings, "reference"):
+    with timed(timings, "reference"):
         if verify:
             reference = verification.record_reference(
                 model, example_inputs, truth=not user_tolerance, probes=_probe_candidates(tracing)
@@ -125,17 +122,30 @@ def fuse(
             batch, observation = verification.observe(model, example_inputs)
     report = fuse_pass(model, observation, timings, tracing=tracing)
     if reparam:
-        with _timed(timings, "reparam"):
+        with timed(timings, "reparam"):
             _reparameterise(model, report, observation)
     if verify:
         probes = _probes_holding(tracing, report.fused)
         if probes and not all(_has_submodule(model, name) for name in probes):
             probes = None  # a probed part was merged away by reparam
-        with _timed(timings, "verify"):
-            report.verification = verification.compare(model, reference, atol=atol, rtol=rtol, probes=probes)
-        if not report.verification.passed:
-            raise VerificationError(f"verification failed: {report.verification.message}", report)
+        verify_fused(report, model, reference, atol=atol, rtol=rtol, probes=probes)
     return FuseResult(model, report, batch)
+
+
+def verify_fused(
+    report: FuseReport,
+    model: Any,
+    reference: verification.Reference,
+    *,
+    atol: float | None,
+    rtol: float | None,
+    probes: list[str] | None = None,
+) -> None:
+    """Compare the fused ``model`` with the reference into ``report``; VerificationError if it fails."""
+    with timed(report.timings, "verify"):
+        report.verification = verification.compare(model, reference, atol=atol, rtol=rtol, probes=probes)
+    if not report.verification.passed:
+        raise VerificationError(f"verification failed: {report.verification.message}", report)
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -185,15 +195,6 @@ def _probes_holding(tracing: Tracing, fused: list[FusedPair]) -> list[str] | Non
     return probes if covered == folded and probes else None
 
 
-@contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-
 def _count_norms(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if is_norm(m))
 
@@ -221,9 +222,9 @@ def fuse_pass(
         parameters=Count(_count_parameters(model), 0),
     )
     if tracing is None:
-        with _timed(timings, "trace"):
+        with timed(timings, "trace"):
             tracing = _trace(model)
-    with _timed(timings, "fold"):
+    with timed(timings, "fold"):
         matches, unmatched = find_matches(tracing.graphs, model)
         facts = Facts.gather(model, tracing.graphs, observation)
         fused, rejected = _fold_all(matches, facts)

@@ -11,7 +11,6 @@ A merge is exact only where every branch sees the same input positions: convs wi
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch

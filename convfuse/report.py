@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +16,7 @@ from convfuse.patterns import Skipped
 from convfuse.tracing import Untraced
 from convfuse.verify import Verification
 
-__all__ = ["Count", "FusedPair", "FuseReport", "Merged"]
+__all__ = ["Count", "FusedPair", "FuseReport", "Merged", "timed"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,13 @@ def _verification_text(v: Verification) -> Text:
         f"(allowed {allowed}; rule: {v.rule})",
         style="green",
     )
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[name]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start

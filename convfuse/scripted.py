@@ -20,20 +20,18 @@ model is returned as it was.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from convfuse import verify as verification
-from convfuse.errors import InputError, TrainingModeError, VerificationError
+from convfuse.errors import InputError, TrainingModeError
 from convfuse.folding import fuse_conv_bn_weights
-from convfuse.fuse import FuseResult
+from convfuse.fuse import FuseResult, verify_fused
 from convfuse.patterns import Reason, Skipped
-from convfuse.report import Count, FusedPair, FuseReport
+from convfuse.report import Count, FusedPair, FuseReport, timed
 
 __all__ = ["fuse_scripted"]
 
@@ -74,13 +72,13 @@ def fuse_scripted(
         )
     timings: dict[str, float] = {}
     user_tolerance = atol is not None or rtol is not None
-    with _timed(timings, "reference"):
+    with timed(timings, "reference"):
         if verify:
             reference = _record_reference(model, example_inputs, truth=not user_tolerance)
             batch: verification.Batch | None = reference.batches[0]
         else:
             batch = _observe(model, example_inputs)
-    with _timed(timings, "fold"):
+    with timed(timings, "fold"):
         frozen = _freeze(model)
         graph = frozen.graph
         report = FuseReport(
@@ -94,20 +92,8 @@ def fuse_scripted(
     report.timings = timings
     result = frozen if fused else model
     if verify:
-        with _timed(timings, "verify"):
-            report.verification = verification.compare(result, reference, atol=atol, rtol=rtol)
-        if not report.verification.passed:
-            raise VerificationError(f"verification failed: {report.verification.message}", report)
+        verify_fused(report, result, reference, atol=atol, rtol=rtol)
     return FuseResult(result, report, batch)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 # -- inputs -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError
+from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError, first_line
 
 __all__ = ["FORMATS", "build_arch", "check_format", "check_writable", "detect_format", "load", "save", "write_text"]
 
@@ -306,19 +306,13 @@ def load(
         try:
             return torch.jit.load(str(path), map_location=map_location)
         except Exception as error:
-            raise LoadError(f"{path}: the TorchScript archive cannot be loaded ({_first_line(error)})") from error
+            raise LoadError(f"{path}: the TorchScript archive cannot be loaded ({first_line(error)})") from error
     if fmt == "exported":
         from convfuse.exported import load_exported
 
         return load_exported(path, trust=trust)
     obj = _load_pickle(path, trust=trust, map_location=map_location)
     return _as_module(path, obj, arch)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
@@ -329,7 +323,7 @@ def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
         except Exception as error:
-            raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {_first_line(error)})") from error
+            raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {first_line(error)})") from error
     admitted = _admitted_globals(path, _scan_file(path))
     try:
         with torch.serialization.safe_globals(admitted):
@@ -347,7 +341,7 @@ def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
                 f"weights-only loader cannot read; re-save it with a current torch.save, or {_TRUST_HINT}"
             ) from error
         raise LoadError(
-            f"{path}: cannot be loaded safely ({type(error).__name__}: {_first_line(error)}); "
+            f"{path}: cannot be loaded safely ({type(error).__name__}: {first_line(error)}); "
             f"if the file is damaged, re-save it; if it uses pickle features torch's weights-only "
             f"loader does not support, {_TRUST_HINT}"
         ) from error
@@ -514,7 +508,7 @@ def _atomic_write(path: Path, write: Any, what: str) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(error, (SaveError, KeyboardInterrupt, SystemExit)):
             raise
-        raise SaveError(f"{path}: cannot be written {what} ({type(error).__name__}: {_first_line(error)})".replace("  ", " ")) from error
+        raise SaveError(f"{path}: cannot be written {what} ({type(error).__name__}: {first_line(error)})".replace("  ", " ")) from error
 
 
 def check_format(model: Any, fmt: str) -> None:
@@ -550,7 +544,7 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
     except Exception as script_error:
         if example_inputs is None:
             raise SaveError(
-                f"the model cannot be scripted ({_first_line(script_error)}); give --input-shape so it can be traced"
+                f"the model cannot be scripted ({first_line(script_error)}); give --input-shape so it can be traced"
             ) from script_error
         from convfuse.inputs import as_call
 

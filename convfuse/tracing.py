@@ -11,6 +11,8 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
+from convfuse.errors import first_line
+
 __all__ = ["TracedGraph", "Tracing", "Untraced", "trace_model"]
 
 
@@ -75,9 +77,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(error).__name__}: {first_line(error, 200)}"
 
 
 def _has_forward(module: nn.Module) -> bool:

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from convfuse.errors import InputError, UsageError
+from convfuse.errors import InputError, UsageError, first_line
 from convfuse.inputs import (
     SEED,
     Batch,
@@ -241,12 +241,6 @@ def _observing(model: nn.Module, observation: Observation) -> Iterator[None]:
             handle.remove()
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
-
-
 def _first_run(model: nn.Module, example_inputs: Any, probes: Sequence[str] = ()) -> tuple[Batch, Outputs, Observation]:
     """Run the model on the example inputs, or on the first inferred shape it accepts."""
     candidates = candidate_batches(model, example_inputs)
@@ -268,11 +262,11 @@ def _first_run(model: nn.Module, example_inputs: Any, probes: Sequence[str] = ()
     if not inferred:
         error = failures[0][1]
         given = "inputs of the given shapes" if isinstance(example_inputs, InputSpec) else "the example inputs"
-        raise InputError(f"the model raised {type(error).__name__} on {given}: {_first_line(error)}")
+        raise InputError(f"the model raised {type(error).__name__} on {given}: {first_line(error)}")
     tried = ", ".join(str(tuple(b[0][0].shape)) for b, _ in failures)
     raise InputError(
         f"cannot infer the input shape of {type(model).__name__}: it rejected {tried} "
-        f"({type(failures[-1][1]).__name__}: {_first_line(failures[-1][1])}); "
+        f"({type(failures[-1][1]).__name__}: {first_line(failures[-1][1])}); "
         "pass example_inputs to convfuse.fuse(), or --input-shape on the command line"
     )
 
@@ -362,7 +356,7 @@ def record_reference(
             with _in_float64(model):
                 reference.truth = [_run(model, _to_float64(b), probes) for b in batches]
         except Exception as error:  # e.g. an op without a float64 kernel on this device
-            reference.truth_problem = f"the float64 run raised {type(error).__name__}: {_first_line(error)}"
+            reference.truth_problem = f"the float64 run raised {type(error).__name__}: {first_line(error)}"
     return reference
 
 
@@ -596,7 +590,7 @@ def compare(
         except Exception as error:
             return Verification(
                 passed=False, batches=count, rule=rule,
-                message=f"the fused model raised {type(error).__name__}: {_first_line(error)}",
+                message=f"the fused model raised {type(error).__name__}: {first_line(error)}",
             )
         expected = reference.outputs[index]
         truth = reference.truth[index] if reference.truth is not None else None
