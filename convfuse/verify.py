@@ -352,12 +352,79 @@ def record_reference(
         reference.truth_problem = "nondeterministic"
         return reference
     if truth:
-        try:
-            with _in_float64(model):
-                reference.truth = [_run(model, _to_float64(b), probes) for b in batches]
-        except Exception as error:  # e.g. an op without a float64 kernel on this device
-            reference.truth_problem = f"the float64 run raised {type(error).__name__}: {first_line(error)}"
+        reference.truth, reference.truth_problem = _float64_outputs(model, batches, probes)
     return reference
+
+
+def _float64_outputs(model: nn.Module, batches: list[Batch], probes: Sequence[str]) -> tuple[list[Outputs] | None, str | None]:
+    """The model's outputs in float64: converting each module just while it runs (little extra
+    memory), else, where a forward reads another module's tensors, the whole model at once."""
+    problem = None
+    for convert in (_float64_while_running, _in_float64):
+        try:
+            with convert(model):
+                return [_run(model, _to_float64(b), probes) for b in batches], None
+        except Exception as error:  # e.g. an op without a float64 kernel on this device
+            problem = f"the float64 run raised {type(error).__name__}: {first_line(error)}"
+    return None, problem
+
+
+@contextmanager
+def _float64_while_running(model: nn.Module) -> Iterator[None]:
+    """Give each module float64 parameters and buffers from the start to the end of its forward.
+
+    Peak extra memory is what the modules on the call stack hold directly, not the model. A
+    tensor shared by several modules is converted once while any of them runs (counted).
+    Raises (and restores everything) where a forward uses a tensor of a module that is not
+    running, which is then still in its own dtype.
+    """
+    counts: dict[int, int] = {}
+    originals: dict[int, torch.dtype] = {}
+    saved_buffers: dict[tuple[int, str], Tensor] = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        for param in module._parameters.values():
+            if param is not None and param.is_floating_point():
+                if counts.get(id(param), 0) == 0:
+                    originals[id(param)] = param.dtype
+                    param.data = param.data.double()
+                counts[id(param)] = counts.get(id(param), 0) + 1
+        for name, buffer in module._buffers.items():
+            key = (id(module), name)
+            if buffer is not None and buffer.is_floating_point() and key not in saved_buffers:
+                saved_buffers[key] = buffer
+                module._buffers[name] = buffer.double()
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        for param in module._parameters.values():
+            if param is not None and id(param) in counts:
+                counts[id(param)] -= 1
+                if counts[id(param)] == 0:
+                    param.data = param.data.to(originals[id(param)])
+        for name in module._buffers:
+            key = (id(module), name)
+            if key in saved_buffers:
+                module._buffers[name] = saved_buffers.pop(key)
+
+    params = {id(p): p for p in model.parameters()}
+    modules = {id(m): m for m in model.modules()}.values()
+    handles = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for pid, count in counts.items():
+            if count > 0:
+                params[pid].data = params[pid].data.to(originals[pid])
+        for module in modules:
+            for name in list(module._buffers):
+                key = (id(module), name)
+                if key in saved_buffers:
+                    module._buffers[name] = saved_buffers.pop(key)
 
 
 # -- comparing --------------------------------------------------------------------------

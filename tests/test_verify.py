@@ -109,14 +109,32 @@ def test_verify_false_reports_skipped() -> None:
     assert "not verified" in result.report.summary()
 
 
-def test_float64_reference_restores_the_model_exactly() -> None:
+@pytest.mark.parametrize("convert", ["_in_float64", "_float64_while_running"])
+def test_float64_reference_restores_the_model_exactly(convert: str) -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
-    with verify._in_float64(model):
-        assert all(p.dtype == torch.float64 for p in model.parameters())
+    with getattr(verify, convert)(model):
+        out = model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+        assert out.dtype == torch.float64
     assert [id(p) for p in model.parameters()] == params
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_float64_reference_falls_back_where_a_forward_reads_another_modules_weight() -> None:
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(torch.nn.functional.linear(x, self.fc.weight))  # fc itself never runs
+
+    model = randomize_bn(Reader()).eval()
+    batches = [((torch.randn(2, 4),), {})]
+    truth, problem = verify._float64_outputs(model, batches, ())
+    assert problem is None and truth[0].final.dtype == torch.float64
+    assert model.fc.weight.dtype == torch.float32
 
 
 Pair = namedtuple("Pair", "left right")
