@@ -65,7 +65,8 @@ def convfuse(
         typer.Argument(
             help="Model file: torch.save of a whole model or of a state_dict (with --arch), "
             "a TorchScript archive, or an ExportedProgram (.pt2). Omit it with --arch to fuse "
-            "a freshly built architecture (a demo).",
+            "a freshly built architecture (a demo: its BatchNorm statistics are randomised, as "
+            "trained ones would be, so that folding them shows).",
             show_default=False,
             metavar="INPUT",
         ),
@@ -209,8 +210,10 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
 
     timings: dict[str, float] = {}
     with _status(out, quiet, "Loading the model"), timed(timings, "load"):
-        if source is None:
-            model = serialization.build_arch(options["arch"])
+        if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
+            from convfuse.testing import randomize_bn
+
+            model = randomize_bn(serialization.build_arch(options["arch"]))
             input_format = "pickle"
         else:
             input_format = serialization.detect_format(source)

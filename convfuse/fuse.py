@@ -20,6 +20,7 @@ from convfuse.errors import TrainingModeError, UsageError, VerificationError
 from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
 from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
 from convfuse.proofs import Stats, norm_proven, producer_proven
+from convfuse.inputs import candidate_batches
 from convfuse.matching import find_matches
 from convfuse.patterns import (
     Combine,
@@ -112,6 +113,8 @@ def fuse(
     user_tolerance = atol is not None or rtol is not None
     with timed(timings, "trace"):
         tracing = _trace(model)
+    if not reparam and not find_matches(tracing.graphs, model)[0]:
+        return _unchanged(model, example_inputs, timings, tracing, verify)
     with timed(timings, "reference"):
         if verify:
             reference = verification.record_reference(
@@ -130,6 +133,19 @@ def fuse(
             probes = None  # a probed part was merged away by reparam
         verify_fused(report, model, reference, atol=atol, rtol=rtol, probes=probes)
     return FuseResult(model, report, batch)
+
+
+def _unchanged(model: nn.Module, example_inputs: Any, timings: dict[str, float], tracing: Tracing, verify: bool) -> FuseResult:
+    """The result where no BatchNorm has a foldable neighbour: the report says why for each,
+    and nothing needs running, since nothing changes."""
+    report = fuse_pass(model, None, timings, tracing=tracing)
+    assert not report.fused
+    if verify:
+        report.verification = verification.Verification(
+            passed=True, rule="unchanged", message="nothing was fused: the model is unchanged"
+        )
+    candidates = candidate_batches(model, example_inputs) if example_inputs is not None else []
+    return FuseResult(model, report, candidates[0] if candidates else None)
 
 
 def verify_fused(

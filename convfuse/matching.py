@@ -80,9 +80,19 @@ def _is_reshape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
 
 
+def _no_op(module: nn.Module | None) -> bool:
+    """A module that passes its input through at eval: nn.Identity, a dropout in eval mode."""
+    if isinstance(module, nn.Identity):
+        return True
+    return isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+
+
 def through_identities(modules: dict[str, nn.Module], value: object, between: list[fx.Node]) -> object:
-    """``value`` with any nn.Identity calls in front of it skipped (they are added to ``between``)."""
-    while isinstance(value, fx.Node) and isinstance(_module(modules, value), nn.Identity) and len(value.args) == 1:
+    """``value`` with the no-op modules in front of it (nn.Identity, dropout in eval mode) skipped;
+    they are added to ``between``. They stay in the model: they still pass values through."""
+    while (
+        isinstance(value, fx.Node) and _no_op(_module(modules, value)) and len(value.args) == 1 and not value.kwargs
+    ):
         between.append(value)
         value = value.args[0]
     return value
@@ -104,12 +114,14 @@ def sum_terms(modules: dict[str, nn.Module], node: fx.Node, between: list[fx.Nod
 
 def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
     """How ``value`` (a norm's input) is made from producer outputs, or why it is not."""
+    passed: list[fx.Node] = []
+    value = through_identities(modules, value, passed)
     if not isinstance(value, fx.Node):
         return Reason.NO_PRODUCER
     if _is_producer_node(modules, value):
-        return _Feed(Combine.DIRECT, [value], [value])
+        return _Feed(Combine.DIRECT, [value], [value, *passed])
     if is_add(value):
-        between: list[fx.Node] = [value]
+        between: list[fx.Node] = [value, *passed]
         terms = sum_terms(modules, value, between)
         if not all(_is_producer_node(modules, t) for t in terms) or len(set(terms)) != len(terms):
             return Reason.SUM_TERMS
@@ -119,32 +131,41 @@ def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
         dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", 0)
         if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
             return Reason.CAT_TERMS
+        parts = [through_identities(modules, part, passed) for part in parts]
         if not all(_is_producer_node(modules, p) for p in parts) or len(set(parts)) != len(parts):
             return Reason.CAT_TERMS
-        return _Feed(Combine.CAT, list(parts), [value, *parts], dim)
+        return _Feed(Combine.CAT, list(parts), [value, *passed, *parts], dim)
     if _is_reshape(value):
         chain = [value]
         source = value.args[0] if value.args else None
         while isinstance(source, fx.Node) and _is_reshape(source):
             chain.append(source)
             source = source.args[0] if source.args else None
+        source = through_identities(modules, source, passed)
         if _is_producer_node(modules, source):
             assert isinstance(source, fx.Node)
-            return _Feed(Combine.RESHAPE, [source], [*chain, source])
+            return _Feed(Combine.RESHAPE, [source], [*chain, *passed, source])
     return Reason.NO_PRODUCER
 
 
 _METADATA_METHODS = ("size", "dim")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
+_SHAPE_SOURCE_METHODS = ("reshape_as", "view_as", "expand_as")
+_SHAPE_SOURCE_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.empty_like)
 
 
 def real_users(node: fx.Node) -> int:
-    """Users of ``node`` that read its values (not just its shape or dtype)."""
+    """Users of ``node`` that read its values, not just its shape or dtype (``x.shape``,
+    ``x.size()``, ``y.reshape_as(x)``, ``torch.zeros_like(x)``)."""
     count = 0
     for user in node.users:
         if user.op == "call_method" and user.target in _METADATA_METHODS:
             continue
+        if user.op == "call_method" and user.target in _SHAPE_SOURCE_METHODS and user.args[:1] != (node,):
+            continue
         if user.op == "call_function" and user.target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
+            continue
+        if user.op == "call_function" and user.target in _SHAPE_SOURCE_FUNCTIONS:
             continue
         count += 1
     return count

@@ -80,7 +80,9 @@ class FuseReport:
         if self.norm_layers.after:
             text += f", {self.norm_layers.after} left"
         v = self.verification
-        if v.passed is None:
+        if v.rule == "unchanged":
+            text += ", model unchanged"
+        elif v.passed is None:
             text += ", not verified"
         elif v.passed:
             text += f", verified (max error {v.max_rel_error:.2g} of output scale)"

@@ -14,10 +14,10 @@ Run:  python examples/custom_padding_modes.py
 from __future__ import annotations
 
 import torch
-from _common import randomize_bn
 from torch import nn
 
 import convfuse
+from convfuse.testing import randomize_bn
 
 
 class PaddedNet(nn.Module):

@@ -20,9 +20,9 @@ import time
 
 import torch
 import torchvision
-from _common import randomize_bn
 
 import convfuse
+from convfuse.testing import randomize_bn
 
 INPUT_SHAPE = (1, 3, 112, 112)
 WARMUP, RUNS = 3, 15

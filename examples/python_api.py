@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import randomize_bn
 from torch import nn
 
 import convfuse
+from convfuse.testing import randomize_bn
 
 
 class ApiNet(nn.Module):

@@ -12,10 +12,10 @@ Run:  python examples/untraceable_model.py
 from __future__ import annotations
 
 import torch
-from _common import randomize_bn
 from torch import nn
 
 import convfuse
+from convfuse.testing import randomize_bn
 
 
 class GatedNet(nn.Module):

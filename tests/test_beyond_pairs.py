@@ -315,3 +315,27 @@ def test_reparam_leaves_blocks_whose_branches_do_not_line_up() -> None:
     result = convfuse.fuse(model, torch.randn(2, 4, 8, 8), reparam=True)
     assert result.report.reparam == []
     assert isinstance(result.model.block, NearMiss)
+
+
+def test_identity_and_eval_dropout_between_conv_and_norm_are_passed_through() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Identity(), nn.Dropout(0.2), nn.BatchNorm2d(4))
+    result = _fuse(model, torch.randn(2, 4, 8, 8))
+    assert [(p.producer, p.norm) for p in result.report.fused] == [("0", "3")]
+    assert isinstance(result.model[2], nn.Dropout)  # still there: it is what the model calls
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: the linear's output is also read, but only for its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_uses_that_only_read_the_shape_do_not_block_the_fold() -> None:
+    result = _fuse(LinearNorm(), torch.randn(2, 7, 6))
+    assert [p.kind for p in result.report.fused] == ["Linear+reshape+BatchNorm1d"]
