@@ -77,11 +77,8 @@ def fuse_conv_bn_weights(
     (in, out/groups, *k) for a transposed conv (``transpose=True``).
     """
     scale, shift = bn_scale_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b)
-    weight = conv_w.double()
-    if transpose:
-        fused_w = _scale_channels(weight, scale, axis=1, groups=groups)
-    else:
-        fused_w = _scale_channels(weight, scale, axis=0, groups=groups)
+    # conv_w in its own dtype times a float64 scale computes (and returns) float64 in one pass.
+    fused_w = _scale_channels(conv_w, scale, axis=1 if transpose else 0, groups=groups)
     bias = conv_b.double() if conv_b is not None else torch.zeros_like(scale)
     return fused_w, bias * scale + shift
 
@@ -104,9 +101,8 @@ def fuse_bn_conv_weights(
     that. Not for transposed convs, whose output borders sum fewer inputs.
     """
     scale, shift = bn_scale_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b)
-    weight = conv_w.double()
-    fused_w = _scale_channels(weight, scale, axis=1, groups=groups)
-    fused_b = _sum_channels(weight, shift, groups=groups)
+    fused_w = _scale_channels(conv_w, scale, axis=1, groups=groups)
+    fused_b = _sum_channels(conv_w, shift, groups=groups)
     if conv_b is not None:
         fused_b = fused_b + conv_b.double()
     return fused_w, fused_b
