@@ -145,13 +145,16 @@ def _verification_text(v: Verification) -> Text:
         return Text(f"Verification: skipped ({v.message})", style="yellow")
     if not v.passed:
         return Text(f"Verification: FAILED: {v.message}", style="bold red")
+    if v.rule == "unchanged":
+        return Text(f"Verification: not needed: {v.message}", style="green")
     allowed = f"rtol {v.rtol:.2g}" + (f", atol {v.atol:.2g}" if v.atol else "")
-    return Text(
-        f"Verification: passed on {v.batches} batch{'es' if v.batches != 1 else ''}: "
-        f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
-        f"(allowed {allowed}; rule: {v.rule})",
-        style="green",
+    text = (
+        f"Verification: passed on {v.batches} batch{'es' if v.batches != 1 else ''} ({v.rule})\n"
+        f"  max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} (allowed {allowed})"
     )
+    if v.message:  # e.g. verified at the outputs of traced parts
+        text += f"\n  {v.message}"
+    return Text(text, style="green")
 
 
 @contextmanager
