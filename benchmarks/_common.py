@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import sys
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from convfuse.patterns import is_norm
+from convfuse.testing import randomize_bn
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -35,34 +35,6 @@ original output's largest magnitude (any output tensor of the nested result)."""
 
 
 # -- models -------------------------------------------------------------------------------
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm-like layer random running statistics and affine parameters, in place.
-
-    The same draw as tests/conftest.py: means in [-1, 1], variances in [0.25, 2.25], weights in
-    [0.5, 1.5] with random signs on a quarter of them, biases in [-0.5, 0.5]. A fresh BatchNorm is
-    the identity at eval and would hide every folding bug.
-    """
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(tensor: Tensor, low: float, high: float) -> Tensor:
-        values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * (high - low) + low
-        return values.to(device=tensor.device, dtype=tensor.dtype)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if not is_norm(module) or getattr(module, "running_mean", None) is None:
-                continue
-            module.running_mean.copy_(draw(module.running_mean, -1.0, 1.0))
-            module.running_var.copy_(draw(module.running_var, 0.25, 2.25))
-            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-            if weight is not None:
-                signs = torch.where(draw(weight, 0, 1) < 0.25, -1.0, 1.0).to(weight.dtype)
-                weight.copy_(draw(weight, 0.5, 1.5) * signs)
-            if bias is not None:
-                bias.copy_(draw(bias, -0.5, 0.5))
-    return model
 
 
 def deep_model(blocks: int, channels: int = 16, seed: int = 0) -> nn.Sequential:
@@ -87,19 +59,37 @@ _MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
 _ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 
 
+def _uses_running_stats(func: Any, args: Sequence, kwargs: dict) -> bool:
+    """Whether a batch_norm call normalises with running statistics (what folding removes), not
+    with batch statistics (a BN without running stats, or weight standardisation: timm's
+    StdConv2d normalises its weight with ``F.batch_norm(w, None, None, training=True)``)."""
+    # F.batch_norm(input, running_mean, ...); torch.batch_norm(input, weight, bias, running_mean, ...)
+    mean_at = 1 if func is F.batch_norm else 3
+    running_mean = args[mean_at] if len(args) > mean_at else kwargs.get("running_mean")
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    return running_mean is not None and not training
+
+
 def _per_channel(t: Any, like: Any) -> bool:
     """``t`` is a (1, C, 1, 1) tensor and ``like`` a 4-D tensor with C channels."""
     return (
-        isinstance(t, Tensor) and isinstance(like, Tensor) and t.dim() == 4 and like.dim() == 4
-        and t.shape[0] == 1 and t.shape[2] == 1 and t.shape[3] == 1 and t.shape[1] == like.shape[1]
+        isinstance(t, Tensor)
+        and isinstance(like, Tensor)
+        and t.dim() == 4
+        and like.dim() == 4
+        and t.shape[0] == 1
+        and t.shape[2] == 1
+        and t.shape[3] == 1
+        and t.shape[1] == like.shape[1]
     )
 
 
 class NormCounter(TorchFunctionMode):
     """Counts the batch norms one forward pass executes, whatever form they take.
 
-    * ``batch_norm`` calls: every nn.BatchNormNd / SyncBatchNorm forward, and any graph that
-      calls ``F.batch_norm`` functionally.
+    * ``batch_norm`` calls with running statistics: every nn.BatchNormNd / SyncBatchNorm forward
+      at eval, and any graph that calls ``F.batch_norm`` functionally (calls that normalise with
+      batch statistics, e.g. weight standardisation, are not BatchNorm layers and not counted).
     * frozen-BN affines: torchvision's FrozenBatchNorm2d computes ``x * scale + bias`` with
       per-channel (1, C, 1, 1) ``scale`` and ``bias``. torch.fx inlines that forward (the module
       is not a leaf) and constant-folds ``scale`` and ``bias`` into tensor constants, so a
@@ -114,10 +104,14 @@ class NormCounter(TorchFunctionMode):
         self.affine = 0
         self._scaled: dict[int, weakref.ref] = {}  # mul results, by id (Tensor == is elementwise)
 
-    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
-        result = func(*args, **(kwargs or {}))
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func in _BATCH_NORM:
-            self.batch_norm += 1
+            if _uses_running_stats(func, args, kwargs):
+                self.batch_norm += 1
         elif func in _MUL and len(args) == 2:
             a, b = args
             if _per_channel(b, a) or _per_channel(a, b):
@@ -262,7 +256,8 @@ def header(title: str, extra: str = "") -> str:
 
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     line = (
-        f"{now}; convfuse {convfuse.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"{now}; convfuse {convfuse.__version__}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, "
         f"Python {platform.python_version()}; CPU: {cpu_name()} ({os.cpu_count()} logical cores visible), "
         f"torch threads: {torch.get_num_threads()}"
     )
@@ -273,7 +268,10 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], align:
     """A GitHub markdown table; ``align`` is one character per column, 'l' or 'r' (default: l then r)."""
     align = align or "l" + "r" * (len(columns) - 1)
     cells = [[str(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
@@ -306,13 +304,3 @@ def emit(text: str, output: str | None) -> None:
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-
-
-class Stopwatch:
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.start

@@ -12,10 +12,12 @@ with 2 threads, one process times the forward pass of
 * torch.fx  ``torch.fx.experimental.optimization.fuse(model)`` where it works.
 
 Repetitions are interleaved (A, B, C, D, B, C, D, A, ...: the order rotates every round, so no
-variant always runs right after another), after a warm-up of each; every number is a median over
-the repetitions. ``fused/limit`` is the goal's ratio (DESIGN.md: at most 1.01);
-``orig/fused`` is the speed-up convfuse gives; ``spread`` is the interquartile range of the
-limit's times over its median (noise: a fused/limit difference smaller than this means nothing).
+variant always runs right after another), after a warm-up of each; the "ms" columns are medians
+over the repetitions. The ratios are medians of per-round ratios (each round times
+every variant once, so slow drifts of the machine cancel): ``fused/limit`` is the goal's ratio
+(DESIGN.md: at most 1.01); ``orig/fused`` is the speed-up convfuse gives; ``torch.fx/limit`` the
+same goal for PyTorch's fuser; ``IQR fused/limit`` is the interquartile range of the per-round
+fused/limit ratios (noise: a deviation from 1 well inside it means nothing).
 
 Exit status: 1 when convfuse's result gave a wrong output (> 1e-4 of the output's scale), else 0.
 
@@ -35,13 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.fx.experimental.optimization import fuse as torch_fuse  # noqa: E402
+import torch
+import torchvision
+from _common import REL_TOL, difference, emit, fmt_err, header, markdown_table, randomize_bn, short_error
+from torch import nn
+from torch.fx.experimental.optimization import fuse as torch_fuse
 
-import convfuse  # noqa: E402
-from _common import REL_TOL, difference, emit, fmt_err, header, markdown_table, randomize_bn, short_error  # noqa: E402
+import convfuse
 
 warnings.filterwarnings("ignore")
 
@@ -76,15 +78,28 @@ class Timing:
         values = self.times.get(name)
         return statistics.median(values) if values else None
 
-    def spread(self, name: str) -> float | None:
-        values = self.times.get(name)
-        if not values or len(values) < 4:
+    def paired(self, a: str, b: str) -> list[float]:
+        """Per-round ratios a/b (each round times every variant once, so drifts cancel)."""
+        if a not in self.times or b not in self.times:
+            return []
+        return [x / y for x, y in zip(self.times[a], self.times[b])]
+
+    def ratio(self, a: str, b: str) -> float | None:
+        ratios = self.paired(a, b)
+        return statistics.median(ratios) if ratios else None
+
+    def spread(self, a: str, b: str) -> float | None:
+        """Interquartile range of the per-round ratios a/b."""
+        ratios = self.paired(a, b)
+        if len(ratios) < 4:
             return None
-        q = statistics.quantiles(values, n=4)
-        return (q[2] - q[0]) / statistics.median(values)
+        q = statistics.quantiles(ratios, n=4)
+        return q[2] - q[0]
 
 
-def interleaved(variants: dict[str, nn.Module], x: torch.Tensor, budget_s: float, min_reps: int, max_reps: int) -> Timing:
+def interleaved(
+    variants: dict[str, nn.Module], x: torch.Tensor, budget_s: float, min_reps: int, max_reps: int
+) -> Timing:
     """Time the variants round-robin (rotating the order each round) after a warm-up."""
     names = list(variants)
     with torch.no_grad():
@@ -136,7 +151,11 @@ def measure(name: str, batch: int, budget_s: float, min_reps: int, max_reps: int
     row.error = diff.rel_error
     if diff.wrong:
         row.wrong, row.problem = True, diff.problem or f"convfuse output differs by {fmt_err(diff.rel_error)}"
-    variants = {"original": model, "convfuse": fused, "limit": without_norms(model, [p.norm for p in result.report.fused])}
+    variants = {
+        "original": model,
+        "convfuse": fused,
+        "limit": without_norms(model, [p.norm for p in result.report.fused]),
+    }
     try:
         fx_fused = torch_fuse(model)
         with torch.no_grad():
@@ -158,14 +177,24 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a / b:.3f}"
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def render(rows: list[Row]) -> str:
     columns = [
-        "model", "batch", "BN fused (torch.fx)", "original ms", "convfuse ms", "limit ms", "torch.fx ms",
-        "fused/limit", "orig/fused", "torch.fx/limit", "spread", "reps",
+        "model",
+        "batch",
+        "BN fused (torch.fx)",
+        "original ms",
+        "convfuse ms",
+        "limit ms",
+        "torch.fx ms",
+        "fused/limit",
+        "orig/fused",
+        "torch.fx/limit",
+        "IQR fused/limit",
+        "reps",
     ]
     table = []
     for row in rows:
@@ -174,27 +203,38 @@ def render(rows: list[Row]) -> str:
             table.append([row.model, row.batch, "-", *["-"] * 8, row.problem])
             continue
         med = {name: t.median(name) for name in ("original", "convfuse", "limit", "torch.fx")}
-        spread = t.spread("limit")
-        table.append([
-            row.model, row.batch,
-            f"{row.fused}/{row.norms}" + ("" if row.torch_fused is None else f" (fx {row.torch_fused})"),
-            _ms(med["original"]), _ms(med["convfuse"]), _ms(med["limit"]), _ms(med["torch.fx"]),
-            _ratio(med["convfuse"], med["limit"]), _ratio(med["original"], med["convfuse"]),
-            _ratio(med["torch.fx"], med["limit"]),
-            "-" if spread is None else f"{spread:.1%}", len(t.times["limit"]),
-        ])
+        spread = t.spread("convfuse", "limit")
+        table.append(
+            [
+                row.model,
+                row.batch,
+                f"{row.fused}/{row.norms}" + ("" if row.torch_fused is None else f" (fx {row.torch_fused})"),
+                _ms(med["original"]),
+                _ms(med["convfuse"]),
+                _ms(med["limit"]),
+                _ms(med["torch.fx"]),
+                _ratio(t.ratio("convfuse", "limit")),
+                _ratio(t.ratio("original", "convfuse")),
+                _ratio(t.ratio("torch.fx", "limit")),
+                "-" if spread is None else f"{spread:.3f}",
+                len(t.times["limit"]),
+            ]
+        )
     text = markdown_table(columns, table, "lr" + "r" * (len(columns) - 2))
-    notes = [f"{r.model} b{r.batch}: {r.problem or r.torch_problem}" for r in rows if r.problem or r.torch_problem]
+    notes = [
+        f"{r.model} b{r.batch}: {r.problem or r.torch_problem}" for r in rows if r.problem or r.torch_problem
+    ]
     errors = [
         f"{r.model} b{r.batch}: convfuse {fmt_err(r.error)}, torch.fx {fmt_err(r.torch_error)}"
-        for r in rows if r.timing is not None
+        for r in rows
+        if r.timing is not None
     ]
-    text += f"\nMax relative output error vs the original (wrong above {REL_TOL:g}): " + "; ".join(errors) + "\n"
+    text += (
+        f"\nMax relative output error vs the original (wrong above {REL_TOL:g}): " + "; ".join(errors) + "\n"
+    )
     if notes:
         text += "\nProblems: " + " | ".join(notes) + "\n"
-    ratios = [
-        r.timing.median("convfuse") / r.timing.median("limit") for r in rows if r.timing is not None
-    ]
+    ratios = [r.timing.ratio("convfuse", "limit") for r in rows if r.timing is not None]
     if ratios:
         worst = max(ratios)
         text += (
@@ -207,10 +247,14 @@ def render(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} at batch 1, shorter")
-    parser.add_argument("--models", nargs="+", metavar="NAME", help="torchvision model names (default: %(default)s)")
+    parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help="torchvision model names (default: %(default)s)"
+    )
     parser.add_argument("--batches", nargs="+", type=int, metavar="N")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget", type=float, help="seconds of timed forwards per model and batch (default 30, quick 6)")
+    parser.add_argument(
+        "--budget", type=float, help="seconds of timed forwards per model and batch (default 30, quick 6)"
+    )
     parser.add_argument("--output", metavar="FILE.md", help="also write the report here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -228,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             t = row.timing
             print(
                 f"[{time.perf_counter() - started:5.0f}s] {name} b{batch}: "
-                + (f"fused/limit {_ratio(t.median('convfuse'), t.median('limit'))}" if t else row.problem),
+                + (f"fused/limit {_ratio(t.ratio('convfuse', 'limit'))}" if t else row.problem),
                 file=sys.stderr,
                 flush=True,
             )
