@@ -14,8 +14,8 @@ from convfuse.errors import (
     VerificationError,
 )
 from convfuse.fuse import FuseResult, fuse
-from convfuse.report import FusedPair, FuseReport
 from convfuse.patterns import Reason, Skipped
+from convfuse.report import FusedPair, FuseReport
 from convfuse.serialization import load, save
 from convfuse.verify import InputSpec, Verification
 

@@ -20,9 +20,9 @@ from torch.export.graph_signature import InputKind
 from convfuse import inputs
 from convfuse import verify as verification
 from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, first_line
-from convfuse.report import timed
 from convfuse.exported_rewrite import fuse_program
 from convfuse.fuse import FuseResult, verify_fused
+from convfuse.report import timed
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]
 

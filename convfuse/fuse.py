@@ -18,10 +18,9 @@ from torch import Tensor, nn
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError, VerificationError
 from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
-from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
-from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.inputs import candidate_batches
 from convfuse.matching import find_matches
+from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
 from convfuse.patterns import (
     Combine,
     Facts,
@@ -35,6 +34,7 @@ from convfuse.patterns import (
     overrides_forward,
     skip_reason,
 )
+from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.reparam import plan_merges
 from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
 from convfuse.tracing import Tracing, trace_model
