@@ -145,7 +145,7 @@ def convfuse(
     out = _console(sys.stdout)
     err = _console(sys.stderr)
     try:
-        _main(locals(), out, err)
+        _main(locals(), out)
     except CheckFailed as error:
         err.print(f"convfuse: {error}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
@@ -177,8 +177,7 @@ def _console(stream: Any) -> Console:
     return console
 
 
-def _main(options: dict[str, Any], out: Console, err: Console) -> None:
-
+def _main(options: dict[str, Any], out: Console) -> None:
     from convfuse import serialization
     from convfuse.fuse import fuse
     from convfuse.verify import InputSpec
@@ -218,8 +217,10 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
         else:
             input_format = serialization.detect_format(source)
             model = serialization.load(source, arch=options["arch"], trust=options["trust"])
-    if target is not None and not options["dry_run"]:
-        serialization.check_format(model, output_format or _default_format(input_format, target))
+    writing = target is not None and not options["dry_run"]
+    if writing:
+        output_format = output_format or _default_format(input_format, target)
+        serialization.check_format(model, output_format)
     if options["device"]:
         model = _to_device(model, options["device"])
     if getattr(model, "training", False):
@@ -245,13 +246,9 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
                 report,
             )
         written = None
-        if not options["dry_run"]:
-            assert target is not None
+        if writing:
             with _status(out, quiet, f"Saving {target}"), timed(timings, "save"):
-                serialization.save(
-                    result.model, target, format=output_format or _default_format(input_format, target),
-                    example_inputs=result.example_inputs,
-                )
+                serialization.save(result.model, target, format=output_format, example_inputs=result.example_inputs)
             written = target
     except CheckFailed as error:
         report = error.report
