@@ -258,7 +258,7 @@ def _admitted_globals(path: Path, scan: _Scan) -> list[tuple[Any, str]]:
         if obj is None and full.split(".")[0] not in sys.stdlib_module_names and not full.startswith("builtins."):
             raise LoadError(
                 f"{path}: the model's class {full} cannot be imported; make its module importable "
-                "(install the package or set PYTHONPATH) and try again"
+                "(install the package, set PYTHONPATH, or run convfuse from the folder that holds it) and try again"
                 + (" (classes defined in a script's __main__ cannot be found: move them into a module)"
                    if full.startswith("__main__.") else "")
             )

@@ -825,3 +825,45 @@ def test_python_dash_m(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+PROJECT_MODEL = '''
+import torch
+from torch import nn
+
+
+class ProjectNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+'''
+
+
+def test_script_imports_model_classes_from_the_current_folder(tmp_path):
+    """A model class defined in the user's project folder loads when convfuse runs there, as it
+    would under ``python -m``; nothing else needs setting up."""
+    (tmp_path / "project_model_cwd.py").write_text(PROJECT_MODEL)
+    saver = (
+        "import sys, torch; sys.path.insert(0, '.'); from project_model_cwd import ProjectNet; "
+        "from convfuse.testing import randomize_bn; torch.save(randomize_bn(ProjectNet()).eval(), 'model.pt')"
+    )
+    env = {k: v for k, v in _subprocess_env().items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", saver], cwd=tmp_path, env=env, check=True, timeout=120)
+    proc = subprocess.run(
+        [shutil.which("convfuse"), "model.pt", "-o", "fused.pt", "--input-shape", SHAPE, "-q"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "fused.pt").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [shutil.which("convfuse"), "../model.pt", "-o", "fused.pt", "-q"],
+        capture_output=True, text=True, env=env, cwd=elsewhere, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "project_model_cwd.ProjectNet cannot be imported" in proc.stderr
+    assert not (elsewhere / "fused.pt").exists()
