@@ -175,7 +175,11 @@ def run(model: nn.Module, batch: tuple[tuple, dict]) -> Any:
 
 
 def leaves(obj: Any, path: str = "out") -> Iterator[tuple[str, Any]]:
-    """Every leaf of a nested output (tensors, dicts, lists, tuples, named tuples) with its path."""
+    """Every leaf of a nested output (tensors, dicts, lists, tuples, named tuples) with its path.
+
+    Deliberately not convfuse.verify's: the benchmark judges convfuse's results, so it compares
+    outputs with code of its own.
+    """
     if isinstance(obj, Tensor):
         yield path, obj
     elif isinstance(obj, dict):
