@@ -11,9 +11,11 @@ relative to the output's scale (its largest magnitude). A correct fold differs b
 only; a wrong one by far more than the model's noise.
 
 Some outputs are not continuous in rounding (labels and boxes after top-k, NMS, thresholds):
-near-ties flip. So the outputs of the root module of every traced part that holds a fused pair
-("probes") are recorded too; if the final outputs disagree and every fused pair lies inside a
-probe, the fused model passes when every probe output passes. Never prints.
+near-ties flip, and whatever runs after them (a detector's ROI heads) sees other inputs. So the
+root module of every traced part ("probe") has its inputs and output recorded on each call; if the
+final outputs disagree and every fused pair lies inside a probe, each fused probe is run on exactly
+the inputs its original saw, and the model passes when every probe passes. Everything outside the
+probes is unchanged code, so that proves the whole. Never prints.
 """
 
 from __future__ import annotations
@@ -120,11 +122,20 @@ class Verification:
 
 
 @dataclass
+class Call:
+    """One call of a probe module: the (args, kwargs) it received and what it returned."""
+
+    inputs: Batch
+    output: Any
+    truth: Any = None  # the original module's output on the same inputs in float64
+
+
+@dataclass
 class Outputs:
-    """What one run recorded: the model's output and each probe module's outputs, per call."""
+    """What one run recorded: the model's output and each probe module's calls."""
 
     final: Any
-    probes: dict[str, list[Any]] = field(default_factory=dict)
+    probes: dict[str, list[Call]] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +144,7 @@ class Reference:
 
     batches: list[Batch]
     outputs: list[Outputs]
-    truth: list[Outputs] | None  # the same in float64, where that could be computed
+    truth: list[Any] | None  # the final outputs in float64, where that could be computed
     observation: Observation
     rerun_noise: float = 0.0  # largest relative difference between two identical runs
     truth_problem: str | None = None
@@ -154,21 +165,29 @@ def _run(model: nn.Module, batch: Batch, probes: Sequence[str] = ()) -> Outputs:
     """One forward pass without autograd, the random generator reseeded so that random ops
     (dropout left in training mode, noise layers) draw the same numbers every run."""
     args, kwargs = batch
-    recorded: dict[str, list[Any]] = {name: [] for name in probes}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: recorded[name].append(_snapshot(output))
-        )
-        for name in probes
-    ]
+    recorded: dict[str, list[Call]] = {name: [] for name in probes}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            recorded[name].append(Call((_snapshot(args), _snapshot(kwargs)), _snapshot(output)))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(record(name), with_kwargs=True) for name in probes]
     try:
-        with torch.random.fork_rng(devices=_devices(model)), torch.no_grad():
-            torch.manual_seed(SEED)
-            output = model(*args, **kwargs)
+        output = _call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return Outputs(_snapshot(output), recorded)
+    return Outputs(output, recorded)
+
+
+def _call(module: nn.Module, batch: Batch) -> Any:
+    """``module(*args, **kwargs)`` without autograd, the output detached and copied."""
+    args, kwargs = batch
+    with torch.random.fork_rng(devices=_devices(module)), torch.no_grad():
+        torch.manual_seed(SEED)
+        return _snapshot(module(*args, **kwargs))
 
 
 def _storage(tensor: Tensor) -> int | None:
@@ -352,18 +371,24 @@ def record_reference(
         reference.truth_problem = "nondeterministic"
         return reference
     if truth:
-        reference.truth, reference.truth_problem = _float64_outputs(model, batches, probes)
+        reference.truth, reference.truth_problem = _float64_outputs(model, batches)
+        for name in probes:  # each part alone, on the very inputs it saw
+            calls = [call for outputs in recorded for call in outputs.probes[name]]
+            module = model.get_submodule(name)
+            truths, _ = _float64_outputs(module, [call.inputs for call in calls])
+            for call, value in zip(calls, truths or []):
+                call.truth = value
     return reference
 
 
-def _float64_outputs(model: nn.Module, batches: list[Batch], probes: Sequence[str]) -> tuple[list[Outputs] | None, str | None]:
-    """The model's outputs in float64: converting each module just while it runs (little extra
-    memory), else, where a forward reads another module's tensors, the whole model at once."""
+def _float64_outputs(module: nn.Module, batches: list[Batch]) -> tuple[list[Any] | None, str | None]:
+    """The module's outputs in float64: converting each submodule just while it runs (little
+    extra memory), else, where a forward reads another module's tensors, all at once."""
     problem = None
     for convert in (_float64_while_running, _in_float64):
         try:
-            with convert(model):
-                return [_run(model, _to_float64(b), probes) for b in batches], None
+            with convert(module):
+                return [_call(module, _to_float64(b)) for b in batches], None
         except Exception as error:  # e.g. an op without a float64 kernel on this device
             problem = f"the float64 run raised {type(error).__name__}: {first_line(error)}"
     return None, problem
@@ -649,36 +674,43 @@ def compare(
     else:
         rule = "fixed tolerance (no float64 reference)"
     final = _Tally(atol, rtol, reference.rerun_noise)
-    at_probes = _Tally(atol, rtol, reference.rerun_noise)
-    probes = list(probes or ())
     for index, batch in enumerate(reference.batches):
         try:
-            fused = _run(model, batch, probes)
+            fused = _call(model, batch)
         except Exception as error:
-            return Verification(
-                passed=False, batches=count, rule=rule,
-                message=f"the fused model raised {type(error).__name__}: {first_line(error)}",
-            )
-        expected = reference.outputs[index]
+            return _raised(error, count, rule)
         truth = reference.truth[index] if reference.truth is not None else None
-        final.add(expected.final, fused.final, truth.final if truth else None, _batch_path(index, count, "output"))
-        for name in probes:
-            expected_calls, fused_calls = expected.probes.get(name, []), fused.probes[name]
-            truth_calls = truth.probes.get(name, []) if truth else []
-            label = _batch_path(index, count, f"{name}()")
-            at_probes.add(expected_calls, fused_calls, truth_calls or None, label)
+        final.add(reference.outputs[index].final, fused, truth, _batch_path(index, count, "output"))
     dtype_name = str(_output_dtype(reference.outputs[0].final)).removeprefix("torch.")
     if final.passed:
         return final.into(Verification(passed=True, batches=count, rule=rule))
-    if probes and at_probes.passed:
+    if not probes:
+        return final.into(Verification(passed=False, batches=count, rule=rule, message=final.message(dtype_name)))
+    at_probes = _Tally(atol, rtol, reference.rerun_noise)
+    for name in probes:
+        module = model.get_submodule(name)
+        for index, outputs in enumerate(reference.outputs):
+            for number, call in enumerate(outputs.probes.get(name, [])):
+                try:
+                    actual = _call(module, call.inputs)
+                except Exception as error:
+                    return _raised(error, count, rule)
+                label = _batch_path(index, count, f"{name}()" + (f" call {number}" if number else ""))
+                at_probes.add(call.output, actual, call.truth, label)
+    if at_probes.passed:
         return at_probes.into(Verification(
             passed=True,
             batches=count,
-            rule=f"{rule}, at the outputs of {', '.join(probes)}",
+            rule=f"{rule}, at {', '.join(probes)} on their recorded inputs",
             message=(
                 f"the final outputs are not continuous in rounding ({final.message(dtype_name)}); "
-                "every fused pair lies in the modules above, whose outputs match"
+                "every fused pair lies in the modules above, which match on the inputs they saw"
             ),
         ))
-    failed = at_probes if probes else final
-    return failed.into(Verification(passed=False, batches=count, rule=rule, message=failed.message(dtype_name)))
+    return at_probes.into(Verification(passed=False, batches=count, rule=rule, message=at_probes.message(dtype_name)))
+
+
+def _raised(error: Exception, count: int, rule: str) -> Verification:
+    return Verification(
+        passed=False, batches=count, rule=rule, message=f"the fused model raised {type(error).__name__}: {first_line(error)}"
+    )

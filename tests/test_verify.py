@@ -132,8 +132,8 @@ def test_float64_reference_falls_back_where_a_forward_reads_another_modules_weig
 
     model = randomize_bn(Reader()).eval()
     batches = [((torch.randn(2, 4),), {})]
-    truth, problem = verify._float64_outputs(model, batches, ())
-    assert problem is None and truth[0].final.dtype == torch.float64
+    truth, problem = verify._float64_outputs(model, batches)
+    assert problem is None and truth[0].dtype == torch.float64
     assert model.fc.weight.dtype == torch.float32
 
 
@@ -288,3 +288,34 @@ def test_fused_model_that_raises_fails_verification(monkeypatch) -> None:
     result = verify.compare(model, reference)
     assert result.passed is False
     assert "boom" in result.message
+
+
+class Quantising(nn.Module):
+    """A traceable part with a fused pair, then discontinuous code in an untraceable root: the
+    integer output flips with any rounding difference, as detections do after NMS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > -1e30:  # data-dependent control flow: the root is not traceable
+            features = self.backbone(x)
+        codes = (features * 1e6).long()  # discontinuous: rounding-level changes flip codes
+        order = codes.flatten(1).sum(1).argsort()
+        return codes, self.head(features[order])
+
+
+def test_discontinuous_outputs_are_verified_at_the_traced_parts_on_their_inputs(monkeypatch) -> None:
+    model = randomize_bn(Quantising()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    result = convfuse.fuse(model, x)
+    v = result.report.verification
+    assert v.passed
+    assert "on their recorded inputs" in v.rule
+    assert "not continuous" in v.message
+    assert norm_names(result.model) == set()
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-4))
+    with pytest.raises(convfuse.VerificationError, match="backbone|head"):
+        convfuse.fuse(model, x)
