@@ -71,7 +71,7 @@ def test_segmentation(name: str) -> None:
 
 @pytest.mark.parametrize("name", VIDEO)
 def test_video(name: str) -> None:
-    frames, size = (16, 224) if name.startswith(("mvit", "swin3d")) else (8, 112)
+    frames, size = (16, 224) if name.startswith(("mvit", "swin3d", "s3d")) else (8, 112)
     model = _build(name)
     result = _check(name, model, torch.randn(1, 3, frames, size, size))
     assert norm_names(result.model) == set()
