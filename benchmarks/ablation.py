@@ -32,7 +32,7 @@ from _common import emit, header, markdown_table  # noqa: E402
 
 import convfuse  # noqa: E402
 from convfuse.norms import NormNotFoldable  # noqa: E402
-from convfuse.patterns import Combine, Reason  # noqa: E402
+from convfuse.patterns import Combine, Reason, is_norm  # noqa: E402
 from convfuse.testing import randomize_bn  # noqa: E402
 
 fuse_module = importlib.import_module("convfuse.fuse")
@@ -75,7 +75,9 @@ def _only(step: str):
         fuse_module.analyse_norm, fuse_module.producer_proven, matching._feed = analyse, proven, feed
 
 
-def _count(names: list[str], build: Callable[[str], torch.nn.Module], size: Callable[[str], int]) -> dict[str, list[int]]:
+def _count(
+    names: list[str], build: Callable[[str], torch.nn.Module], size: Callable[[str], int], refused: dict[str, str]
+) -> dict[str, list[int]]:
     totals = {step: [0, 0] for step in STEPS}
     for name in names:
         try:
@@ -85,12 +87,17 @@ def _count(names: list[str], build: Callable[[str], torch.nn.Module], size: Call
             continue
         x = torch.randn(1, 3, size(name), size(name))
         for step in STEPS:
-            with _only(step):
-                report = convfuse.fuse(model, x, reparam=step == "+ reparam").report
-            totals[step][0] += report.norm_layers.before
-            totals[step][1] += report.norm_layers.before - report.norm_layers.after
-            print(f"{name:26s} {step:15s} {report.norm_layers.before - report.norm_layers.after:4d}"
-                  f"/{report.norm_layers.before}", file=sys.stderr, flush=True)
+            before = sum(1 for m in model.modules() if is_norm(m))
+            try:
+                with _only(step):
+                    report = convfuse.fuse(model, x, reparam=step == "+ reparam").report
+                removed = report.norm_layers.before - report.norm_layers.after
+            except convfuse.VerificationError as error:  # counted as nothing removed, and said
+                removed = 0
+                refused.setdefault(name, f"{step}: {error.report.verification.message}")
+            totals[step][0] += before
+            totals[step][1] += removed
+            print(f"{name:26s} {step:15s} {removed:4d}/{before}", file=sys.stderr, flush=True)
     return totals
 
 
@@ -104,14 +111,15 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import timm
 
+    refused: dict[str, str] = {}
     zoos = {"timm sample": _count(QUICK_TIMM if args.quick else TIMM, lambda n: timm.create_model(n, pretrained=False),
-                                  lambda n: 224 if n.startswith("levit") else 160)}
+                                  lambda n: 224, refused)}
     if not args.quick:
         names = [n for n in torchvision.models.list_models(module=torchvision.models)
                  if n not in ("vit_h_14", "regnet_y_128gf")]
         zoos["torchvision classification"] = _count(
             names, lambda n: torchvision.models.get_model(n, weights=None),
-            lambda n: 224 if n.startswith(("vit", "swin", "maxvit")) else 128,
+            lambda n: 224 if n.startswith(("vit", "swin", "maxvit")) else 128, refused,
         )
     rows = []
     for zoo, totals in zoos.items():
@@ -120,6 +128,9 @@ def main() -> int:
             rows.append([zoo, step, f"{removed} of {before}", f"{100 * removed / max(before, 1):.1f}%"])
     text = header("Ablation: BatchNorms removed by each family of folds") + "\n" + markdown_table(
         ["zoo", "folds", "BN removed", "%"], rows, align="llrr") + "\n"
+    if refused:
+        text += "\nRefused by verification (counted as nothing removed):\n\n" + "".join(
+            f"- {name}, {why}\n" for name, why in refused.items())
     emit(text, args.output)
     return 0
 
