@@ -331,8 +331,4 @@ def _status(console: Console, quiet: bool, text: str) -> Any:
 def main() -> None:
     """Entry point of the ``convfuse`` script and ``python -m convfuse``."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
-    # Model classes saved from a project are importable from its folder, as under ``python -m``;
-    # appended, so that the folder never shadows an installed package.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
     app(prog_name="convfuse")

@@ -149,12 +149,10 @@ def _scan_pickle(data: io.BufferedIOBase | io.BytesIO, scan: _Scan) -> None:
             count = int(name[-1])
             del stack[len(stack) - count :]
             stack.append(None)
-        elif name in ("APPEND", "BUILD", "POP", "BINPERSID", "PERSID"):
+        elif name in ("APPEND", "BUILD", "POP"):
             stack.pop()
-            if name in ("BINPERSID", "PERSID"):
-                stack.append(None)
-            if name == "PERSID":
-                stack.pop()
+        elif name == "BINPERSID":  # replaces the persistent id on the stack with the object
+            stack[-1] = None
         elif name == "SETITEM":
             stack.pop(), stack.pop()
         elif name == "POP_MARK":
@@ -193,16 +191,18 @@ def _pop_mark(stack: list[Any]) -> None:
 
 
 def _scan_file(path: Path) -> _Scan:
+    """Scan exactly the pickles torch.load will read: the archive's ``data.pkl`` record, as torch's
+    own zip reader finds it; or, in the legacy format, the five pickles one after another."""
     scan = _Scan()
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                data_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                _scan_pickle(io.BytesIO(archive.read(data_name)), scan)
+            with open(path, "rb") as f:
+                record = torch._C.PyTorchFileReader(f).get_record("data.pkl")
+            _scan_pickle(io.BytesIO(record), scan)
         else:
             with open(path, "rb") as f:
-                # torch.save's legacy format: magic number, protocol, system info, the object.
-                for _ in range(4):
+                # magic number, protocol, system info, the object, its storage keys
+                for _ in range(5):
                     _scan_pickle(f, scan)
     except LoadError:
         raise
@@ -226,6 +226,11 @@ def _resolve(full: str) -> Any:
                 module = importlib.import_module(module_name)
             except ImportError:
                 continue
+            except Exception as error:  # the named module itself fails when imported
+                raise LoadError(
+                    f"the file's class {full} lives in module {module_name}, which raised "
+                    f"{type(error).__name__} when imported: {first_line(error)}"
+                ) from error
         obj: Any = module
         try:
             for attribute in attributes:
@@ -253,12 +258,15 @@ def _admitted_globals(path: Path, scan: _Scan) -> list[tuple[Any, str]]:
         if full in _INERT:
             admitted.append((_INERT[full], full))
             continue
-        obj = _resolve(full)
+        try:
+            obj = _resolve(full)
+        except LoadError as error:
+            raise LoadError(f"{path}: {error}") from error.__cause__
         is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
         if obj is None and full.split(".")[0] not in sys.stdlib_module_names and not full.startswith("builtins."):
             raise LoadError(
                 f"{path}: the model's class {full} cannot be imported; make its module importable "
-                "(install the package, set PYTHONPATH, or run convfuse from the folder that holds it) and try again"
+                "(install its package, or set PYTHONPATH, e.g. PYTHONPATH=. for a module in this folder) and try again"
                 + (" (classes defined in a script's __main__ cannot be found: move them into a module)"
                    if full.startswith("__main__.") else "")
             )
@@ -327,7 +335,7 @@ def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
     admitted = _admitted_globals(path, _scan_file(path))
     try:
         with torch.serialization.safe_globals(admitted):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         text = str(error)
         match = _UNSUPPORTED_GLOBAL.search(text)
@@ -345,6 +353,31 @@ def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
             f"if the file is damaged, re-save it; if it uses pickle features torch's weights-only "
             f"loader does not support, {_TRUST_HINT}"
         ) from error
+    _refuse_callables_from_file(path, loaded)
+    return loaded
+
+
+def _refuse_callables_from_file(path: Path, loaded: Any) -> None:
+    """UnsafeFileError where the file gave a module hooks or its own ``forward``.
+
+    What a safe load admits can still be callable (a module class, a ``functools.partial`` of
+    one); torch would call hooks, and the module's ``forward``, with arguments the file chose. A
+    model saved by torch.save of real code never holds such values here: its hook functions would
+    have been refused by the scan.
+    """
+    roots = [loaded] if isinstance(loaded, nn.Module) else []
+    if isinstance(loaded, Mapping):
+        roots = [value for value in loaded.values() if isinstance(value, nn.Module)]
+    for root in roots:
+        for name, module in root.named_modules():
+            attributes = vars(module)
+            hooks = [key for key, value in attributes.items() if key.endswith("hooks") and value]
+            if hooks or "forward" in attributes:
+                what = ", ".join(hooks) if hooks else "forward"
+                raise UnsafeFileError(
+                    f"{path}: refused to load: the file sets {what} of module {name or '(model)'}, which torch "
+                    f"would call with arguments chosen by the file; {_TRUST_HINT}"
+                )
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")

@@ -32,6 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from convfuse.errors import InputError, UsageError, first_line
 from convfuse.inputs import (
@@ -161,6 +162,21 @@ def _snapshot(value: Any) -> Any:
     return map_tensors(value, lambda t: t.detach().clone())
 
 
+def _reserve_hook_ids(model: nn.Module) -> None:
+    """Make torch's next hook ids larger than any the model already holds.
+
+    torch numbers hooks per process, and a model loaded from a file keeps the keys of the process
+    that saved it: a temporary hook of ours could get the same key, replace the model's own hook
+    in its dict, and remove it with ours.
+    """
+    top = RemovableHandle.next_id
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and value and all(isinstance(key, int) for key in value):
+                top = max(top, max(value) + 1)
+    RemovableHandle.next_id = top
+
+
 def _run(model: nn.Module, batch: Batch, probes: Sequence[str] = ()) -> Outputs:
     """One forward pass without autograd, the random generator reseeded so that random ops
     (dropout left in training mode, noise layers) draw the same numbers every run."""
@@ -173,6 +189,7 @@ def _run(model: nn.Module, batch: Batch, probes: Sequence[str] = ()) -> Outputs:
 
         return hook
 
+    _reserve_hook_ids(model)
     handles = [model.get_submodule(name).register_forward_hook(record(name), with_kwargs=True) for name in probes]
     try:
         output = _call(model, batch)
@@ -241,6 +258,7 @@ def _observing(model: nn.Module, observation: Observation) -> Iterator[None]:
 
     owners: dict[int, str] = {}
     handles = []
+    _reserve_hook_ids(model)
     try:
         for name, module in model.named_modules(remove_duplicate=False):
             if is_norm(module) or is_producer(module):
@@ -434,6 +452,7 @@ def _float64_while_running(model: nn.Module) -> Iterator[None]:
     params = {id(p): p for p in model.parameters()}
     modules = {id(m): m for m in model.modules()}.values()
     handles = []
+    _reserve_hook_ids(model)
     try:
         for module in modules:
             handles.append(module.register_forward_pre_hook(enter))

@@ -842,9 +842,9 @@ class ProjectNet(nn.Module):
 '''
 
 
-def test_script_imports_model_classes_from_the_current_folder(tmp_path):
-    """A model class defined in the user's project folder loads when convfuse runs there, as it
-    would under ``python -m``; nothing else needs setting up."""
+def test_script_imports_model_classes_only_from_where_it_is_told(tmp_path):
+    """A model class in the user's folder loads with PYTHONPATH=. and not without: a .py file
+    lying next to a downloaded model is never imported on the file's say-so."""
     (tmp_path / "project_model_cwd.py").write_text(PROJECT_MODEL)
     saver = (
         "import sys, torch; sys.path.insert(0, '.'); from project_model_cwd import ProjectNet; "
@@ -852,18 +852,13 @@ def test_script_imports_model_classes_from_the_current_folder(tmp_path):
     )
     env = {k: v for k, v in _subprocess_env().items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", saver], cwd=tmp_path, env=env, check=True, timeout=120)
-    proc = subprocess.run(
-        [shutil.which("convfuse"), "model.pt", "-o", "fused.pt", "--input-shape", SHAPE, "-q"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "fused.pt").is_file()
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run(
-        [shutil.which("convfuse"), "../model.pt", "-o", "fused.pt", "-q"],
-        capture_output=True, text=True, env=env, cwd=elsewhere, timeout=120,
-    )
+    command = [shutil.which("convfuse"), "model.pt", "-o", "fused.pt", "--input-shape", SHAPE, "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "project_model_cwd.ProjectNet cannot be imported" in proc.stderr
-    assert not (elsewhere / "fused.pt").exists()
+    assert "PYTHONPATH=." in proc.stderr
+    assert not (tmp_path / "fused.pt").exists()
+    proc = subprocess.run(command, capture_output=True, text=True, env={**env, "PYTHONPATH": "."}, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "fused.pt").is_file()

@@ -654,3 +654,21 @@ def test_saved_file_gets_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_module_that_fails_on_import_is_a_load_error(tmp_path, monkeypatch):
+    """The file names a class whose module raises when imported: one clear LoadError, no traceback."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "boom_models.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Sequential):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(package))
+    import boom_models
+
+    model = boom_models.Net(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    torch.save(model, tmp_path / "model.pt")
+    (package / "boom_models.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.delitem(sys.modules, "boom_models")
+    with pytest.raises(convfuse.LoadError, match=r"model\.pt: .*boom_models.*raised RuntimeError when imported: broken at import"):
+        convfuse.load(tmp_path / "model.pt")
