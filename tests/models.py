@@ -105,3 +105,18 @@ def build_tiny() -> TinyNet:
 def build_not_a_model() -> dict[str, int]:
     """A factory that returns something other than a module (for the error path of --arch)."""
     return {"layers": 2}
+
+
+class Recorder(nn.Module):
+    """A module whose constructor leaves a marker file: proof that a file made it run."""
+
+    def __init__(self, marker: str = "", *rest: object) -> None:
+        super().__init__()
+        if marker:
+            with open(marker, "w") as f:
+                f.write("constructor ran")
+
+
+def double_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook that changes what its module returns."""
+    return output * 2

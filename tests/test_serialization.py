@@ -672,3 +672,85 @@ def test_a_module_that_fails_on_import_is_a_load_error(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "boom_models")
     with pytest.raises(convfuse.LoadError, match=r"model\.pt: .*boom_models.*raised RuntimeError when imported: broken at import"):
         convfuse.load(tmp_path / "model.pt")
+
+
+class _CallsRecorder:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from tests.models import Recorder
+
+        return (Recorder, (self.marker,))
+
+
+def test_scan_reads_the_record_torch_loads_not_a_decoy(tmp_path):
+    """An archive whose scanned-looking member is harmless but whose real data.pkl calls a module
+    constructor is refused: the scan reads what torch reads."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(tiny(), buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    root = source.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(tmp_path / "decoy.pt", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{root}/adata.pkl", source.read(f"{root}/data.pkl"))  # listed first
+        for name in source.namelist():
+            data = pickle.dumps(_CallsRecorder(marker), protocol=2) if name.endswith("/data.pkl") else source.read(name)
+            archive.writestr(name, data)
+    with pytest.raises(UnsafeFileError, match="constructor of tests.models.Recorder"):
+        convfuse.load(tmp_path / "decoy.pt")
+    assert not marker.exists()
+
+
+def test_scan_reads_every_pickle_of_the_legacy_format(tmp_path):
+    """The fifth pickle of a legacy file (its storage keys) is loaded by torch too."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "legacy.pt", "wb") as f:
+        for part in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+                     {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+                     {"weights": 1}, _CallsRecorder(marker)):
+            pickle.dump(part, f, protocol=2)
+    with pytest.raises(UnsafeFileError, match="constructor of tests.models.Recorder"):
+        convfuse.load(tmp_path / "legacy.pt")
+    assert not marker.exists()
+
+
+def test_file_that_sets_hooks_is_refused(tmp_path):
+    """A partial of an admitted module class, stored as a hook, would be called with the file's
+    arguments when the model runs: refused at load, and nothing ran."""
+    import functools
+
+    from tests.models import Recorder
+
+    marker = tmp_path / "pwned"
+    model = tiny()
+    model.register_forward_pre_hook(functools.partial(Recorder, str(marker)))
+    torch.save(model, tmp_path / "hooked.pt")
+    with pytest.raises(UnsafeFileError, match="_forward_pre_hooks of module"):
+        convfuse.load(tmp_path / "hooked.pt")
+    assert not marker.exists()
+
+
+def test_temporary_hooks_never_replace_a_loaded_models_own(tmp_path):
+    """Hook ids come from a per-process counter; a model from another process may hold the ids
+    convfuse's own hooks would get next. Its hook must survive and keep its pair unfused."""
+    from torch.utils.hooks import RemovableHandle
+
+    from tests.models import double_output
+
+    model = tiny()
+    handle = model.bn2.register_forward_hook(double_output)
+    hooks = model.bn2._forward_hooks
+    hooks[RemovableHandle.next_id + 2] = hooks.pop(handle.id)  # as saved by another process
+    x = torch.randn(*TINY_INPUT)
+    with torch.no_grad():
+        expected = model(x)
+    result = convfuse.fuse(model, x, inplace=True)
+    assert list(model.bn2._forward_hooks.values()) == [double_output]
+    assert {s.norm: s.reason for s in result.report.skipped}["bn2"] == convfuse.Reason.HOOKS
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
