@@ -113,16 +113,17 @@ def fuse(
     user_tolerance = atol is not None or rtol is not None
     with timed(timings, "trace"):
         tracing = _trace(model)
-    if not reparam and not find_matches(tracing.graphs, model)[0]:
+    if not reparam and not find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])[0]:
         return _unchanged(model, example_inputs, timings, tracing, verify)
     with timed(timings, "reference"):
         if verify:
+            parts = _probe_candidates(tracing)
             reference = verification.record_reference(
-                model, example_inputs, truth=not user_tolerance, probes=_probe_candidates(tracing)
+                model, example_inputs, truth=not user_tolerance or bool(parts), probes=parts
             )
             batch, observation = reference.batches[0], reference.observation
         else:
-            batch, observation = verification.observe(model, example_inputs)
+            batch, observation = verification.observe(model, example_inputs, _probe_candidates(tracing))
     report = fuse_pass(model, observation, timings, tracing=tracing)
     if reparam:
         with timed(timings, "reparam"):
@@ -241,7 +242,7 @@ def fuse_pass(
         with timed(timings, "trace"):
             tracing = _trace(model)
     with timed(timings, "fold"):
-        matches, unmatched = find_matches(tracing.graphs, model)
+        matches, unmatched = find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])
         facts = Facts.gather(model, tracing.graphs, observation)
         fused, rejected = _fold_all(matches, facts)
     report.fused = fused

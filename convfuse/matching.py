@@ -8,7 +8,9 @@ norm that has no candidate at all.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,21 +39,27 @@ class _Feed:
     dim: int | None = None
 
 
-def find_matches(graphs: list[TracedGraph], model: nn.Module) -> tuple[list[Match], list[Skipped]]:
+def find_matches(
+    graphs: list[TracedGraph], model: nn.Module, untraced: Sequence[str] = ()
+) -> tuple[list[Match], list[Skipped]]:
     """Every candidate fold in ``graphs``, and a reason for each norm node that has none.
 
     A norm may get two candidates (what feeds it, and the layer after it); the first is
-    preferred. Norms that appear in no graph are the caller's to explain (untraced or never
+    preferred. ``untraced``: the modules whose own forward could not be traced; a part below
+    one of them is called by code fx never saw. Norms that appear in no graph are the caller's to explain (untraced or never
     called), since it knows whether the model ran.
     """
     matches: list[Match] = []
     skipped: list[Skipped] = []
     for traced in graphs:
         modules = dict(traced.root.named_modules(remove_duplicate=False))
+        unseen = bool(traced.prefix) and any(
+            name == "(model)" or traced.prefix.startswith(name + ".") for name in untraced
+        )
         for node in traced.graph.nodes:
             if node.op == "call_module" and is_norm(modules[node.target]):
                 found, (reason, producer) = _candidates(traced, modules, node)
-                matches.extend(found)
+                matches.extend(dataclasses.replace(m, graph=traced.prefix, unseen_callers=unseen) for m in found)
                 if not found:
                     skipped.append(Skipped(traced.qualified(node.target), producer, reason))
     return matches, skipped

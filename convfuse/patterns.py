@@ -139,6 +139,8 @@ class Reason:
     CAT_TERMS = "its input is a concatenation of parts that are not all conv or linear outputs used only there"
     CAT_AXIS = "its input is a concatenation along an axis other than the channels"
     RESHAPE_AXIS = "the reshapes between the layer and the norm do not keep the channel axis"
+    OUTSIDE_PART = "a module of the pair is called from outside the part where the pair was traced"
+    UNOBSERVED = "the pair is in a part called from untraceable code, which is only seen with example inputs"
     # Graph formats (ExportedProgram, TorchScript), where the pair is a pair of ops:
     COMPUTED_WEIGHT = "a weight or statistic of the pair is computed in the graph, not stored"
     IN_SUBGRAPH = "it runs inside a control-flow branch (torch.cond, torch.map), which is not rewritten"
@@ -170,6 +172,8 @@ class Match:
     extra_arguments: bool
     combine: str = Combine.DIRECT
     dim: int | None = None  # the concatenation axis as written, for Combine.CAT
+    graph: str = ""  # the traced part it was found in ("" for the model's own graph)
+    unseen_callers: bool = False  # that part has an ancestor whose forward could not be traced
 
     @property
     def pattern(self) -> Pattern:
@@ -203,6 +207,7 @@ class Observation:
     input_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     output_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     direct_reads: set[str] = field(default_factory=set)  # modules whose tensors others read
+    inside: dict[str, list[frozenset[str]]] = field(default_factory=dict)  # traced parts running at each call
 
 
 @dataclass
@@ -382,6 +387,13 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.NORM_OUTPUT_USERS if match.norm_first else Reason.OTHER_USERS
     if match.extra_arguments:
         return Reason.EXTRA_ARGUMENTS
+    if match.unseen_callers:
+        # fx saw the pair only in its own part's forward; the untraced code above may call its
+        # modules some other way. A real run shows whether every call comes through that part.
+        if observed is None:
+            return Reason.UNOBSERVED
+        if any(match.graph not in inside for name in names for inside in observed.inside.get(name, [])):
+            return Reason.OUTSIDE_PART
     read = facts.direct_reads | (observed.direct_reads if observed else set())
     if any(name in read for name in names):
         return Reason.DIRECT_ACCESS

@@ -616,3 +616,69 @@ def test_untraced_code_reading_a_child_bn_parameter() -> None:
     assert [u.module for u in result.report.untraced] == ["(model)"]
     assert result.report.fused == []
     assert _skipped(result)["inner.bn"].reason == Reason.DIRECT_ACCESS
+
+
+class CallsPartsDirectly(nn.Module):
+    """The untraceable root calls its child's conv and norm itself, with an add between them:
+    the child's own graph (bn(conv(x))) is not how they are used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBN(3, 8)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # the root does not trace; block is traced on its own
+            return self.block.bn(self.block.conv(x) + 1.0)
+        return self.block(x)
+
+
+def test_pair_called_from_outside_its_traced_part_is_skipped() -> None:
+    model = randomize_bn(CallsPartsDirectly()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x)
+    assert result.report.fused == []
+    assert _skipped(result)["block.bn"].reason == Reason.OUTSIDE_PART
+    unseen = convfuse.fuse(model, x, verify=False)  # the run that shows calls still happens
+    assert _skipped(unseen)["block.bn"].reason == Reason.OUTSIDE_PART
+
+
+class TwoInputsUntraceable(nn.Module):
+    """Two inputs (nothing to infer them from) and an untraceable root that reuses the norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBN(3, 8)
+
+    def forward(self, x, z):
+        if x.sum() > -1e9:
+            return self.block(x), self.block.bn(z)
+        return self.block(x), z
+
+
+def test_part_below_untraceable_code_without_inputs_is_skipped() -> None:
+    model = randomize_bn(TwoInputsUntraceable()).eval()
+    result = convfuse.fuse(model, convfuse.InputSpec(), verify=False)  # nothing can be run
+    assert result.report.fused == []
+    assert _skipped(result)["block.bn"].reason == Reason.UNOBSERVED
+
+
+class InspectsItsChild(nn.Module):
+    """Untraceable code outside the fused part that looks at the norm module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBN(3, 8)
+
+    def forward(self, x):
+        y = self.block(x)
+        if isinstance(self.block.bn, nn.BatchNorm2d) and x.sum() > -1e9:
+            return y
+        return y * 2 + 1
+
+
+def test_outside_code_that_sees_the_rewrite_fails_verification() -> None:
+    """The fused part matches on its own inputs, but the model's output changed and the original
+    is continuous: that is no rounding jump, and verification must fail."""
+    model = randomize_bn(InspectsItsChild()).eval()
+    with pytest.raises(convfuse.VerificationError):
+        convfuse.fuse(model, torch.randn(2, 3, 8, 8))
