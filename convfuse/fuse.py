@@ -110,6 +110,21 @@ def fuse(
     if not inplace:
         with timed(timings, "copy"):
             model = copy.deepcopy(model)
+    with verification.buffers_kept(model):
+        return _fuse_module(model, example_inputs, timings, verify=verify, atol=atol, rtol=rtol, reparam=reparam)
+
+
+def _fuse_module(
+    model: nn.Module,
+    example_inputs: Any,
+    timings: dict[str, float],
+    *,
+    verify: bool,
+    atol: float | None,
+    rtol: float | None,
+    reparam: bool,
+) -> FuseResult:
+    """``fuse`` on an eval-mode module that is convfuse's to change."""
     user_tolerance = atol is not None or rtol is not None
     with timed(timings, "trace"):
         tracing = _trace(model)

@@ -117,6 +117,7 @@ class Reason:
     EXTRA_ARGUMENTS = "a layer of the pair is called with extra arguments"
     CALLED_TWICE = "a module of the pair is called more than once"
     SHARED_NAMES = "a module of the pair is registered under more than one name"
+    HELD_ELSEWHERE = "a module of the pair is also held outside the module tree (e.g. in a plain list)"
     SHARED_PARAMETER = "a parameter of the pair is shared with another module"
     DIRECT_ACCESS = "the forward reads a parameter or buffer of the pair directly"
     HOOKS = "a module of the pair has hooks"
@@ -220,6 +221,7 @@ class Facts:
     direct_reads: set[str]
     shared_parameters: set[int]
     observation: Observation | None = None
+    held_elsewhere: set[int] = field(default_factory=set)  # ids of modules also in plain containers
 
     @classmethod
     def gather(cls, model: nn.Module, graphs: list[TracedGraph], observation: Observation | None) -> Facts:
@@ -246,7 +248,21 @@ class Facts:
             direct_reads=direct_reads,
             shared_parameters={pid for pid, count in owners.items() if count > 1},
             observation=observation,
+            held_elsewhere=_held_in_containers(model),
         )
+
+
+def _held_in_containers(model: nn.Module) -> set[int]:
+    """Modules that some module also keeps in a plain list, tuple or dict attribute: code that
+    calls them from there would still call the original after a rewrite."""
+    held: set[int] = set()
+    for module in {id(m): m for m in model.modules()}.values():
+        for key, value in vars(module).items():
+            if key.startswith("_") or not isinstance(value, (list, tuple, dict)):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            held.update(id(item) for item in items if isinstance(item, nn.Module))
+    return held
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -375,6 +391,8 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.GLOBAL_HOOKS
     if any(len(facts.names[id(layer)]) > 1 for layer in layers):
         return Reason.SHARED_NAMES
+    if any(id(layer) in facts.held_elsewhere for layer in layers):
+        return Reason.HELD_ELSEWHERE
     if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in names):
         return Reason.CALLED_TWICE
     if any(_has_hooks(layer) for layer in layers):

@@ -49,6 +49,7 @@ from convfuse.patterns import Observation, is_norm, is_producer
 
 __all__ = [
     "NOISE_FACTOR",
+    "buffers_kept",
     "Batch",
     "InputSpec",
     "Reference",
@@ -351,6 +352,26 @@ def _in_float64(model: nn.Module) -> Iterator[None]:
             param.data = param.data.to(dtype)
         for module, name, buffer in buffers:
             module._buffers[name] = buffer
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put back the buffers of modules in training mode after the runs inside the block: a
+    BatchNorm left in training mode updates its running statistics on every forward pass, and
+    convfuse's runs must not change the model it hands back."""
+    saved = [
+        (module, name, buffer.clone())
+        for module in model.modules()
+        if module.training
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, value in saved:
+                module._buffers[name].copy_(value)
 
 
 def _to_float64(batch: Batch) -> Batch:

@@ -526,3 +526,15 @@ def test_fused_model_stays_in_eval_mode(norm_cls: type[nn.Module]) -> None:
     result = convfuse.fuse(model, torch.randn(2, 3, 8, 8))
     assert len(result.report.fused) == 1
     assert [name for name, m in result.model.named_modules() if m.training] == []
+
+
+def test_runs_leave_a_training_mode_norm_as_it_was() -> None:
+    """A BatchNorm left in training mode is skipped, and the verification runs (which update its
+    running statistics) must not change it either."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                       nn.BatchNorm2d(4))).eval()
+    model[4].train()
+    before = {k: v.clone() for k, v in model[4].state_dict().items()}
+    result = convfuse.fuse(model, torch.randn(2, 3, 8, 8), inplace=True)
+    assert {s.norm: s.reason for s in result.report.skipped} == {"4": Reason.TRAINING}
+    assert all(torch.equal(v, before[k]) for k, v in model[4].state_dict().items())

@@ -682,3 +682,25 @@ def test_outside_code_that_sees_the_rewrite_fails_verification() -> None:
     model = randomize_bn(InspectsItsChild()).eval()
     with pytest.raises(convfuse.VerificationError):
         convfuse.fuse(model, torch.randn(2, 3, 8, 8))
+
+
+class StepsInAList(nn.Module):
+    """Calls its layers through a plain Python list: rewriting the module tree would not reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.steps = [self.conv, self.bn]
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def test_module_also_held_in_a_plain_list_is_skipped() -> None:
+    model = randomize_bn(StepsInAList()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for verify in (True, False):
+        result = convfuse.fuse(model, x, verify=verify)
+        assert _skipped(result)["bn"].reason == Reason.HELD_ELSEWHERE
