@@ -160,12 +160,16 @@ def _skip_reason(rewrite: _Rewrite, pair: _Pair) -> str | None:
         return Reason.NOT_FLOATING
     if len({t.device for t in tensors}) > 1:
         return Reason.DEVICES
+    value = conv.meta.get("val")
     if _packet(conv) in _LINEARS:
-        value = conv.meta.get("val")
         if not isinstance(value, Tensor):
             return Reason.SHAPE_UNKNOWN
         if value.dim() != 2:
             return Reason.LINEAR_NOT_2D
+    elif not isinstance(value, Tensor):
+        return Reason.SHAPE_UNKNOWN
+    elif value.dim() != tensors[0].dim():  # an unbatched conv: the norm's axis 1 is not its channels
+        return Reason.NOT_CHANNELS
     shape = tensors[0].shape
     channels = shape[1] * pair.groups if pair.transposed else shape[0]
     if tensors[1].numel() != channels:
@@ -303,6 +307,10 @@ class _Rewrite:
         self.program = program
         self.gm = copy.deepcopy(program.graph_module)
         self.graph = self.gm.graph
+        for original, copied in zip(program.graph_module.graph.nodes, self.graph.nodes):
+            # the copy renames nodes that shadow builtins (nn.Sequential's ``input`` becomes
+            # ``input_1``); the signature names the originals
+            copied.name = original.name
         self.signature = copy.deepcopy(program.graph_signature)
         self.state_dict = dict(program.state_dict)
         self.constants = dict(program.constants)

@@ -84,7 +84,7 @@ def fuse_scripted(
         report = FuseReport(
             norm_layers=Count(_count_norms(graph), 0), parameters=Count(_count_weights(graph), 0)
         )
-        fused, skipped = _fold_graph(graph)
+        fused, skipped = _fold_graph(graph, _conv_ranks(frozen, batch))
         torch._C._jit_pass_dce(graph)
         report.fused, report.skipped = fused, skipped
         report.norm_layers = Count(report.norm_layers.before, _count_norms(graph))
@@ -237,16 +237,35 @@ def _module_of(node: Any, stored: Any) -> tuple[str, str | None]:
     return f"{node.kind().removeprefix('aten::')}:%{node.output().debugName()}", None
 
 
-def _fold_graph(graph: Any) -> tuple[list[FusedPair], list[Skipped]]:
+def _conv_ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]:
+    """The rank of each conv's output in a run on ``batch``, by node (empty where unknown): shape
+    analysis of a copy of the graph, whose nodes come in the same order as the original's."""
+    if batch is None or batch[1]:
+        return {}
+    copy = frozen.graph.copy()
+    try:
+        torch._C._jit_pass_complete_shape_analysis(copy, (frozen._c, *batch[0]), False)
+    except Exception:  # shapes stay unknown; pairs that need them are skipped
+        return {}
+    ranks = {}
+    for original, analysed in zip(_nodes(frozen.graph.block()), _nodes(copy.block())):
+        if original.kind() in _CONVS | _TRANSPOSED_CONVS:
+            rank = analysed.output().type().dim() if hasattr(analysed.output().type(), "dim") else None
+            if rank is not None:
+                ranks[original] = rank
+    return ranks
+
+
+def _fold_graph(graph: Any, ranks: dict[Any, int]) -> tuple[list[FusedPair], list[Skipped]]:
     fused: list[FusedPair] = []
     skipped: list[Skipped] = []
     for norm in [n for n in _nodes(graph.block()) if n.kind() == _NORM]:
-        outcome = _fold_one(graph, norm)
+        outcome = _fold_one(graph, norm, ranks)
         (fused if isinstance(outcome, FusedPair) else skipped).append(outcome)
     return fused, skipped
 
 
-def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
+def _fold_one(graph: Any, norm: Any, ranks: dict[Any, int]) -> FusedPair | Skipped:
     """Fold one batch norm into the conv that feeds it, or say why not (the graph is then unchanged)."""
     # input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
     inputs = list(norm.inputs())
@@ -259,6 +278,8 @@ def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
     conv_inputs = list(conv.inputs())
     producer, conv_class = _module_of(conv, conv_inputs[1])
     reason, values = _check(conv, norm, conv_inputs, inputs)
+    if reason is None:
+        reason = _rank_reason(values[0], ranks.get(conv))
     if reason is not None:
         return Skipped(norm_name, producer, reason)
     weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups = values
@@ -282,6 +303,14 @@ def _fold_one(graph: Any, norm: Any) -> FusedPair | Skipped:
     else:
         kind = f"{conv.kind().removeprefix('aten::')}+batch_norm"
     return FusedPair(producer, norm_name, kind)
+
+
+def _rank_reason(weight: Tensor, rank: int | None) -> str | None:
+    """Why the norm may not normalise the conv's channels: an unbatched conv output (rank one less
+    than the weight's), or, for a Conv1d whose BatchNorm1d accepts both ranks, an unknown rank."""
+    if rank is None:
+        return Reason.SHAPE_UNKNOWN if weight.dim() == 3 else None
+    return None if rank == weight.dim() else Reason.NOT_CHANNELS
 
 
 def _check(conv: Any, norm: Any, conv_inputs: list[Any], inputs: list[Any]) -> tuple[str | None, tuple]:

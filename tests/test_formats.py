@@ -395,3 +395,26 @@ def test_load_exported_checks_sample_inputs(tmp_path, program_file):
 
     with pytest.raises(convfuse.UnsafeFileError, match="weights-only"):
         convfuse.load(unsafe)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8), (3, 8)], ids=["batched", "unbatched"])
+def test_sequential_conv1d_in_graph_formats(shape) -> None:
+    """nn.Sequential names its input ``input`` (a builtin, renamed by graph copies); an unbatched
+    Conv1d output puts BatchNorm1d on the wrong axis and must be skipped, not folded."""
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8))).eval()
+    x = torch.randn(*shape)
+    programs = {
+        "exported": torch.export.export(model, (x,)),
+        "torchscript": torch.jit.script(model),
+    }
+    for name, program in programs.items():
+        result = convfuse.fuse(program, x)
+        assert result.report.verification.passed, name
+        if len(shape) == 3:
+            assert len(result.report.fused) == 1, name
+        else:
+            assert result.report.fused == [], name
+            assert [s.reason for s in result.report.skipped] == [convfuse.Reason.NOT_CHANNELS], name
+        runner = result.model.module() if name == "exported" else result.model
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
