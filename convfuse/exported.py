@@ -23,10 +23,10 @@ from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, f
 from convfuse.exported_rewrite import fuse_program
 from convfuse.fuse import FuseResult, verify_fused
 from convfuse.report import timed
+from convfuse.serialization import TRUST_HINT as _TRUST_HINT
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]
 
-_TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
 _PICKLED_FOLDERS = ("data/weights", "data/constants", "data/sample_inputs")
 """Where torch.export.load reads ``.pt`` files with torch.load, falling back to full unpickling."""
 
@@ -79,7 +79,10 @@ def _check_archive(path: Path) -> None:
 
 
 def _check_payload_config(path: Path, data: bytes) -> None:
-    config = json.loads(data).get("config", {})
+    document = json.loads(data)
+    config = document.get("config", {}) if isinstance(document, dict) else None
+    if not isinstance(config, dict) or not all(isinstance(payload, dict) for payload in config.values()):
+        raise LoadError(f"{path}: the archive's payload description is not what torch.export.save writes")
     for fqn, payload in config.items():
         if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith("opaque_obj_"):
             raise UnsafeFileError(

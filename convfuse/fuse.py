@@ -192,9 +192,7 @@ def _reparameterise(model: nn.Module, report: FuseReport, observation: Observati
     """Replace every block of summed conv branches by one conv, and say so in the report."""
     merges = plan_merges(model, observation)
     for merge in merges:
-        parent_name, _, attribute = merge.module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, merge.replacement)
+        _set_submodule(model, merge.module, merge.replacement)
         report.reparam.append(Merged(merge.module, merge.kind, merge.branches, merge.kernel))
         report.fused.extend(FusedPair(f"{merge.module} (merged conv)", norm, f"reparam:{merge.kind}") for norm in merge.norms)
     gone = tuple(f"{merge.module}." for merge in merges)
@@ -272,8 +270,9 @@ def fuse_pass(
 def _fold_all(matches: list[Match], facts: Facts) -> tuple[list[FusedPair], list[Skipped]]:
     """Fold each norm into its first candidate that passes every check.
 
-    Norms that follow their producer are folded first, then norms that precede a conv, so a
-    conv that absorbs both composes them in the order the model applies them.
+    A norm's candidate after its producer is preferred to the one before the next layer: all
+    after-candidates are tried first. (A conv may absorb a norm on each side; the two folds
+    scale different axes of its weight and commute.)
     """
     candidates: dict[str, list[Match]] = {}
     for match in matches:
@@ -370,11 +369,14 @@ def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
 
 
 def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:
-    parent_name, _, attribute = name.rpartition(".")
-    parent = facts.modules[parent_name] if parent_name else facts.modules[""]
     replacement.training = facts.modules[name].training  # its own flag; the act modules keep theirs
-    setattr(parent, attribute, replacement)
+    _set_submodule(facts.modules[""], name, replacement)
     facts.modules[name] = replacement
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
 
 
 def _seen_shape(facts: Facts, name: str) -> tuple[int, ...] | None:

@@ -3,6 +3,7 @@ first layer, and random batches drawn like a given one."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,6 +57,9 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it (through tuples, lists, dicts, namedtuples)."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
     if isinstance(obj, Mapping):
         items = {k: map_tensors(v, fn) for k, v in obj.items()}
         return items if type(obj) is dict else type(obj)(items)

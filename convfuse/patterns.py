@@ -35,6 +35,7 @@ __all__ = [
     "Reason",
     "Skipped",
     "find_pattern",
+    "has_hooks",
     "is_norm",
     "is_producer",
     "overrides_forward",
@@ -295,7 +296,12 @@ def find_pattern(first: nn.Module, second: nn.Module, *, reshaped: bool = False)
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own, or global module hooks exist."""
+    return _own_hooks(module) or _global_hooks()
+
+
+def _own_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
         or getattr(module, "_backward_pre_hooks", None)
@@ -395,7 +401,7 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.HELD_ELSEWHERE
     if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in names):
         return Reason.CALLED_TWICE
-    if any(_has_hooks(layer) for layer in layers):
+    if any(_own_hooks(layer) for layer in layers):
         return Reason.HOOKS
     if any(parametrize.is_parametrized(layer) for layer in layers):
         return Reason.PARAMETRIZED

@@ -17,11 +17,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from convfuse.folding import bn_scale_shift, fuse_conv_bn_weights
 from convfuse.matching import is_add, real_users, sum_terms, through_identities
 from convfuse.norms import NormNotFoldable, analyse_norm, as_sequence, as_step
-from convfuse.patterns import PATTERNS, Observation, is_norm, is_producer, overrides_forward
+from convfuse.patterns import PATTERNS, Observation, has_hooks, is_norm, is_producer, overrides_forward
 from convfuse.proofs import Stats, norm_proven
 from convfuse.tracing import trace_model
 
@@ -60,7 +61,7 @@ def plan_merges(model: nn.Module, observation: Observation | None) -> list[Merge
     for name, block in model.named_modules():
         if not name or any(name.startswith(t + ".") for t in taken) or not _candidate(block):
             continue
-        if len(names[id(block)]) > 1 or block._forward_hooks or block._forward_pre_hooks:
+        if len(names[id(block)]) > 1 or has_hooks(block):
             continue
         if observation is not None and observation.calls[name] != 1:
             continue
@@ -137,7 +138,7 @@ def _chain_back(value: object) -> tuple[list[fx.Node], fx.Node | None]:
 
 
 def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
-    return not overrides_forward(module, base) and not module._forward_hooks and not module._forward_pre_hooks
+    return not overrides_forward(module, base) and not has_hooks(module) and not parametrize.is_parametrized(module)
 
 
 def _branch(modules: dict[str, nn.Module], term: object, x: fx.Node) -> _Branch | None:
@@ -170,7 +171,7 @@ def _norm_stats(norm: nn.Module) -> Stats | None:
     base = next((p.norm for p in PATTERNS if isinstance(norm, p.norm)), None)
     if base is None or norm.training or getattr(norm, "running_mean", None) is None:
         return None
-    if norm._forward_hooks or norm._forward_pre_hooks:
+    if has_hooks(norm) or parametrize.is_parametrized(norm):
         return None
     custom = overrides_forward(norm, base)
     try:

@@ -44,7 +44,8 @@ _INERT = {"functools.partial": functools.partial}
 _GRAPH_MODULE = ("torch.fx.graph_module.reduce_graph_module", "torch.fx.graph_module.reduce_package_graph_module",
                  "torch.fx.graph_module._deserialize_graph_module")
 
-_TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
+TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
+_TRUST_HINT = TRUST_HINT
 
 
 # -- format detection -------------------------------------------------------------------
@@ -533,9 +534,7 @@ def _atomic_write(path: Path, write: Any, what: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -556,6 +555,20 @@ def check_format(model: Any, fmt: str) -> None:
             f"a TorchScript model cannot be written as {fmt} (torch.save and torch.export do not take "
             "TorchScript); write it as TorchScript (--format torchscript)"
         )
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a new file would get (``mkstemp`` makes 0600): those of the file being
+    replaced, else 0666 less the umask, read without changing it where the system tells."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write(model: Any, f: Any, fmt: str, example_inputs: Any) -> None:
