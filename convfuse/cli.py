@@ -108,8 +108,21 @@ def convfuse(
         typer.Option(help="Architecture for a state_dict: a torchvision model name (resnet50) or package.module:factory.",
                      show_default=False),
     ] = None,
+    allow: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allow",
+            metavar="PACKAGE",
+            envvar="CONVFUSE_ALLOW",
+            help="Let the file name classes of this installed package too (besides torch, torchvision, timm); "
+            "repeatable. Environment: CONVFUSE_ALLOW (packages separated by spaces or commas).",
+            show_default=False,
+        ),
+    ] = None,
     trust: Annotated[
-        bool, typer.Option("--trust", help="Load an arbitrary pickle; this runs code from the file. Only for files you trust.")
+        bool,
+        typer.Option("--trust", help="Load anything: any pickle, TorchScript, any .pt2. This runs code from the file. "
+                     "Only for files you trust."),
     ] = False,
     format: Annotated[
         Optional[str],
@@ -216,7 +229,8 @@ def _main(options: dict[str, Any], out: Console) -> None:
             input_format = "pickle"
         else:
             input_format = serialization.detect_format(source)
-            model = serialization.load(source, arch=options["arch"], trust=options["trust"])
+            allow = [name for value in options["allow"] or () for name in value.replace(",", " ").split()]
+            model = serialization.load(source, arch=options["arch"], trust=options["trust"], allow=allow)
     writing = target is not None and not options["dry_run"]
     if writing:
         output_format = output_format or _default_format(input_format, target)

@@ -4,9 +4,6 @@ program, and exporting a fused ``nn.Module`` for saving."""
 
 from __future__ import annotations
 
-import io
-import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +20,20 @@ from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, f
 from convfuse.exported_rewrite import fuse_program
 from convfuse.fuse import FuseResult, verify_fused
 from convfuse.report import timed
-from convfuse.serialization import TRUST_HINT as _TRUST_HINT
+from convfuse.files.archives import ArchiveError, open_archive, vet_exported
+from convfuse.files.trust import Refused
+from convfuse.serialization import quiet, refusal
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]
-
-_PICKLED_FOLDERS = ("data/weights", "data/constants", "data/sample_inputs")
-"""Where torch.export.load reads ``.pt`` files with torch.load, falling back to full unpickling."""
-
 
 # -- loading ----------------------------------------------------------------------------
 
 
 def load_exported(path: str | Path, *, trust: bool = False) -> ExportedProgram:
-    """Load a ``torch.export.save`` archive.
-
-    ``torch.export.load`` unpickles some payloads without restrictions (weights stored as
-    pickles, opaque objects, and anything its weights-only loader rejects); unless ``trust``,
-    such archives are refused before anything is loaded.
+    """Load a ``torch.export.save`` archive, vetted first unless ``trust``
+    (``convfuse.files.archives.vet_exported``: ``torch.export.load`` can unpickle payloads
+    without restrictions, dlopen an AOTInductor library, ``exec`` guard code and ``eval``
+    symbolic expressions).
 
     Raises:
         LoadError: the archive is damaged or not an ExportedProgram.
@@ -47,11 +41,22 @@ def load_exported(path: str | Path, *, trust: bool = False) -> ExportedProgram:
     """
     path = Path(path)
     if not trust:
-        _check_archive(path)
+        try:
+            with quiet():
+                vet_exported(open_archive(path))
+        except ArchiveError as error:
+            raise LoadError(
+                f"{path}: the ExportedProgram cannot be loaded ({error}); is the file complete and written "
+                "by torch.export.save?"
+            ) from error
+        except Refused as error:
+            raise refusal(path, error) from error
     try:
-        with open(path, "rb") as f:  # a file object: torch.export.load wants a .pt2 name otherwise
+        with quiet(), open(path, "rb") as f:  # a file object: torch.export.load wants a .pt2 name otherwise
             program = torch.export.load(f)
-    except Exception as error:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # with trust, the file's own code may raise anything
         raise LoadError(
             f"{path}: the ExportedProgram cannot be loaded ({type(error).__name__}: {first_line(error)}); "
             "is the file complete and written by torch.export.save?"
@@ -59,47 +64,6 @@ def load_exported(path: str | Path, *, trust: bool = False) -> ExportedProgram:
     if not isinstance(program, ExportedProgram):
         raise LoadError(f"{path}: holds a {type(program).__name__}, not an ExportedProgram")
     return program
-
-
-def _check_archive(path: Path) -> None:
-    """UnsafeFileError where torch.export.load would unpickle something without restrictions."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                inner = name.split("/", 1)[1] if "/" in name else name
-                folder, _, file = inner.rpartition("/")
-                if folder in ("data/weights", "data/constants") and file.endswith("_config.json"):
-                    _check_payload_config(path, archive.read(name))
-                elif folder in _PICKLED_FOLDERS and file.endswith(".pt"):
-                    _check_weights_only(path, archive.read(name), inner)
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
-        raise LoadError(
-            f"{path}: the archive is damaged ({first_line(error)}); is the file complete?"
-        ) from error
-
-
-def _check_payload_config(path: Path, data: bytes) -> None:
-    document = json.loads(data)
-    config = document.get("config", {}) if isinstance(document, dict) else None
-    if not isinstance(config, dict) or not all(isinstance(payload, dict) for payload in config.values()):
-        raise LoadError(f"{path}: the archive's payload description is not what torch.export.save writes")
-    for fqn, payload in config.items():
-        if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith("opaque_obj_"):
-            raise UnsafeFileError(
-                f"{path}: refused to load: {fqn} is stored as a Python pickle, which torch.export.load "
-                f"unpickles without restrictions (it could run code); {_TRUST_HINT}"
-            )
-
-
-def _check_weights_only(path: Path, data: bytes, inner: str) -> None:
-    try:
-        torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as error:
-        raise UnsafeFileError(
-            f"{path}: refused to load: {inner} is not readable by torch's weights-only loader "
-            f"({first_line(error)}), and torch.export.load would then unpickle it without restrictions; "
-            f"{_TRUST_HINT}"
-        ) from error
 
 
 # -- exporting for saving ---------------------------------------------------------------

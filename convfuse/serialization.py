@@ -1,31 +1,26 @@
-"""Loading and saving models: format detection by content, the safe-loading policy, atomic writes.
+"""Loading and saving models: the format decision, the safe-loading policy, atomic writes.
 
-Safe loading (DESIGN.md, Security): a pickle is read with torch's weights-only unpickler,
-whose allowlist is extended with exactly the classes the file names that are ``nn.Module``
-subclasses (and ``functools.partial``, which builds without calling anything). Before
-anything is unpickled, the file's opcodes are scanned: every class or function it references
-must be one of those or one torch allows by default, and no module class may be *called*
-(only created empty and filled with state, as ``torch.save`` does), since a constructor run
-with arguments chosen by the file could do anything. Modules named by the file are imported to
-see what they hold, except the standard library, which holds no model classes.
+Without ``trust``, nothing the file chose runs (DESIGN.md, Security): a pickle is read by
+``torch.load`` with a restricted unpickler (``convfuse.files.unpickler``) that admits globals
+from the allowed packages only (``convfuse.files.trust``) and never calls what the file chose,
+and the objects it built are checked before anything runs on them (``convfuse.files.graph``).
+TorchScript archives are code and need ``trust``; ExportedProgram archives are vetted first
+(``convfuse.files.archives``). The format is the one torch itself would see, from the first bytes.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 import difflib
-import functools
 import importlib
 import inspect
-import io
+import logging
 import os
-import pickletools
-import re
+import stat
 import sys
 import tempfile
-import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,56 +28,70 @@ import torch
 from torch import nn
 
 from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError, first_line
+from convfuse.files.archives import ZIP_MAGIC, ArchiveError, open_archive
+from convfuse.files.graph import check_object_graph
+from convfuse.files.trust import Policy, Refused, Unimportable
+from convfuse.files.unpickler import pickle_module
 
 __all__ = ["FORMATS", "build_arch", "check_format", "check_writable", "detect_format", "load", "save", "write_text"]
 
 FORMATS = ("pickle", "torchscript", "exported")
 
-_INERT = {"functools.partial": functools.partial}
-"""Non-module globals admitted: they build objects without calling anything from the file."""
-
-_GRAPH_MODULE = ("torch.fx.graph_module.reduce_graph_module", "torch.fx.graph_module.reduce_package_graph_module",
-                 "torch.fx.graph_module._deserialize_graph_module")
-
 TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
-_TRUST_HINT = TRUST_HINT
+
+
+def refusal(path: Path, error: Refused) -> LoadError:
+    """The one-line error for a file the policy refused, with the flag that would admit it (a
+    LoadError where an allowed class's module cannot be imported: that is the installation's)."""
+    if isinstance(error, Unimportable):
+        return LoadError(f"{path}: {error}")
+    package = error.allow
+    if package and package not in sys.stdlib_module_names and package != "builtins":
+        hint = (f"to admit the classes of {package}, pass --allow {package} (allow=['{package}']) if you trust "
+                "that package, or --trust only if you trust the file")
+    else:
+        hint = TRUST_HINT
+    return UnsafeFileError(f"{path}: refused to load: {error}; {hint}")
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """No warnings and no log records from torch while a file is read: an error is one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 # -- format detection -------------------------------------------------------------------
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """'pickle', 'torchscript' or 'exported', read from the file's content; LoadError if none."""
+    """'pickle', 'torchscript' or 'exported', decided as torch decides it: a zip header in the
+    first bytes, then the records torch's own reader lists; LoadError where it is none of them."""
     path = _existing_file(Path(path))
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as error:
-            raise LoadError(f"{path}: the archive is damaged ({error}); is the file complete?") from error
-        if any(_is_exported_member(name) for name in names):
-            return "exported"
-        if any("/code/" in name for name in names) or any(name.endswith("constants.pkl") for name in names):
-            return "torchscript"
-        if any(name.endswith("data.pkl") for name in names):
-            return "pickle"
-        raise LoadError(f"{path}: a zip archive, but not one written by torch.save, torch.jit.save or torch.export.save")
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":
-        raise LoadError(f"{path}: the archive is truncated or damaged; is the file complete?")
+        head = f.read(len(ZIP_MAGIC))
+    if head == ZIP_MAGIC:
+        try:
+            with quiet():
+                fmt = open_archive(path).format
+        except ArchiveError as error:
+            if error.damaged:
+                raise LoadError(f"{path}: the archive is damaged or truncated ({error}); is the file complete?") from error
+            fmt = None
+        except Refused as error:
+            raise refusal(path, error) from error
+        if fmt is None:
+            raise LoadError(f"{path}: a zip archive, but not one written by torch.save, torch.jit.save or torch.export.save")
+        return fmt
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return "pickle"
     raise LoadError(f"{path}: not a PyTorch model file (expected torch.save, torch.jit.save or torch.export.save output)")
-
-
-def _is_exported_member(name: str) -> bool:
-    """A file only torch.export.save writes: ``<root>/archive_format`` or ``<root>/models/<name>.json``
-    (a TorchScript archive may hold ``<root>/code/.../models/...``, e.g. torchvision's)."""
-    parts = name.split("/")
-    return (len(parts) == 2 and parts[1] == "archive_format") or (
-        len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json")
-    )
 
 
 def _existing_file(path: Path) -> Path:
@@ -96,193 +105,11 @@ def _existing_file(path: Path) -> Path:
             pass
     except OSError as error:
         raise LoadError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise LoadError(f"{path}: not a regular file (a device, pipe or socket); give a model file")
     if size == 0:
         raise LoadError(f"{path}: the file is empty")
     return path
-
-
-# -- the pickle scan --------------------------------------------------------------------
-
-
-@dataclass
-class _Scan:
-    """The globals a pickle references, and those it calls (REDUCE) rather than just names."""
-
-    referenced: set[str] = field(default_factory=set)
-    called: set[str] = field(default_factory=set)
-
-
-_MARK = object()
-
-
-def _scan_pickle(data: io.BufferedIOBase | io.BytesIO, scan: _Scan) -> None:
-    """Symbolically run one pickle's stack to see which global each REDUCE calls."""
-    stack: list[Any] = []
-    memo: dict[int, Any] = {}
-    for opcode, arg, _ in pickletools.genops(data):
-        name = opcode.name
-        if name in ("GLOBAL", "INST"):
-            full = _python3_name(*arg.split(" ", 1))
-            scan.referenced.add(full)
-            stack.append(("global", full))
-        elif name == "STACK_GLOBAL":
-            qualname, module = stack.pop(), stack.pop()
-            full = f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else "?"
-            scan.referenced.add(full)
-            stack.append(("global", full))
-        elif name in ("REDUCE", "NEWOBJ"):
-            stack.pop()
-            func = stack.pop()
-            if name == "REDUCE" and isinstance(func, tuple) and func[0] == "global":
-                scan.called.add(func[1])
-            stack.append(None)
-        elif name == "NEWOBJ_EX":
-            stack.pop(), stack.pop()
-            stack[-1] = None
-        elif name in ("MARK",):
-            stack.append(_MARK)
-        elif name in ("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ"):
-            _pop_mark(stack)
-            stack.append(None)
-        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
-            _pop_mark(stack)
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            count = int(name[-1])
-            del stack[len(stack) - count :]
-            stack.append(None)
-        elif name in ("APPEND", "BUILD", "POP"):
-            stack.pop()
-        elif name == "BINPERSID":  # replaces the persistent id on the stack with the object
-            stack[-1] = None
-        elif name == "SETITEM":
-            stack.pop(), stack.pop()
-        elif name == "POP_MARK":
-            _pop_mark(stack)
-        elif name == "DUP":
-            stack.append(stack[-1])
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[int(arg)] = stack[-1]
-        elif name == "MEMOIZE":
-            memo[len(memo)] = stack[-1]
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(int(arg)))
-        elif name in ("PROTO", "FRAME", "STOP"):
-            continue
-        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-            stack.append(arg)
-        else:  # every other opcode pushes one plain value
-            stack.append(None)
-    if stack and stack[-1] is _MARK:  # pragma: no cover - malformed pickle
-        raise LoadError("malformed pickle")
-
-
-def _python3_name(module: str, name: str) -> str:
-    """The Python 3 name of a protocol-2 global, mapped as pickle (and torch) map it."""
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-        module = _compat_pickle.IMPORT_MAPPING[module]
-    return f"{module}.{name}"
-
-
-def _pop_mark(stack: list[Any]) -> None:
-    while stack:
-        if stack.pop() is _MARK:
-            return
-
-
-def _scan_file(path: Path) -> _Scan:
-    """Scan exactly the pickles torch.load will read: the archive's ``data.pkl`` record, as torch's
-    own zip reader finds it; or, in the legacy format, the five pickles one after another."""
-    scan = _Scan()
-    try:
-        if zipfile.is_zipfile(path):
-            with open(path, "rb") as f:
-                record = torch._C.PyTorchFileReader(f).get_record("data.pkl")
-            _scan_pickle(io.BytesIO(record), scan)
-        else:
-            with open(path, "rb") as f:
-                # magic number, protocol, system info, the object, its storage keys
-                for _ in range(5):
-                    _scan_pickle(f, scan)
-    except LoadError:
-        raise
-    except Exception as error:
-        raise LoadError(f"{path}: the file is damaged or truncated ({type(error).__name__}: {error})") from error
-    return scan
-
-
-def _resolve(full: str) -> Any:
-    """The object a pickle global names, importing its module unless it is the standard library."""
-    parts = full.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name, attributes = ".".join(parts[:split]), parts[split:]
-        top = module_name.split(".")[0]
-        if module_name in sys.modules:
-            module = sys.modules[module_name]
-        elif top in sys.stdlib_module_names or top == "__main__":
-            continue
-        else:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            except Exception as error:  # the named module itself fails when imported
-                raise LoadError(
-                    f"the file's class {full} lives in module {module_name}, which raised "
-                    f"{type(error).__name__} when imported: {first_line(error)}"
-                ) from error
-        obj: Any = module
-        try:
-            for attribute in attributes:
-                obj = getattr(obj, attribute)
-        except AttributeError:
-            continue
-        return obj
-    return None
-
-
-def _admitted_globals(path: Path, scan: _Scan) -> list[tuple[Any, str]]:
-    """The allowlist for this file, or UnsafeFileError naming the first global refused."""
-    from torch import _weights_only_unpickler as unpickler
-
-    torch_allowed = unpickler._get_allowed_globals()
-    if scan.referenced & set(_GRAPH_MODULE):
-        raise UnsafeFileError(
-            f"{path}: refused to load: the file holds a torch.fx GraphModule, whose forward code "
-            f"is stored in the file and would be executed on load; {_TRUST_HINT}"
-        )
-    admitted: list[tuple[Any, str]] = []
-    for full in sorted(scan.referenced):
-        if full in torch_allowed:
-            continue
-        if full in _INERT:
-            admitted.append((_INERT[full], full))
-            continue
-        try:
-            obj = _resolve(full)
-        except LoadError as error:
-            raise LoadError(f"{path}: {error}") from error.__cause__
-        is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
-        if obj is None and full.split(".")[0] not in sys.stdlib_module_names and not full.startswith("builtins."):
-            raise LoadError(
-                f"{path}: the model's class {full} cannot be imported; make its module importable "
-                "(install its package, or set PYTHONPATH, e.g. PYTHONPATH=. for a module in this folder) and try again"
-                + (" (classes defined in a script's __main__ cannot be found: move them into a module)"
-                   if full.startswith("__main__.") else "")
-            )
-        if not is_module_class:
-            raise UnsafeFileError(
-                f"{path}: refused to load: the file references {full}, which is not a torch.nn.Module "
-                f"class, so loading it could run code; {_TRUST_HINT}"
-            )
-        if full in scan.called:
-            raise UnsafeFileError(
-                f"{path}: refused to load: the file calls the constructor of {full} with arguments "
-                f"stored in the file (torch.save never does), which could run code; {_TRUST_HINT}"
-            )
-        admitted.append((obj, full))
-    return admitted
 
 
 # -- loading ----------------------------------------------------------------------------
@@ -293,92 +120,88 @@ def load(
     *,
     arch: str | None = None,
     trust: bool = False,
+    allow: Iterable[str] = (),
     map_location: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """Load a model the way the command line does.
 
     Args:
         path: a ``torch.save`` file of a whole module or of a state_dict (the latter needs
-            ``arch``), a TorchScript archive, or an ExportedProgram (``.pt2``).
+            ``arch``), an ExportedProgram (``.pt2``), or (with ``trust``) a TorchScript archive.
         arch: for a state_dict: a torchvision model name (``resnet50``) or
             ``package.module:factory``.
-        trust: load an arbitrary pickle with torch's full unpickler (runs code from the file).
+        trust: load anything, with torch's full unpickler: runs code from the file.
+        allow: packages whose classes the file may name, beyond torch, torchvision and timm
+            (``--allow``), e.g. ``["ultralytics"]``.
         map_location: where tensors are loaded (default: the CPU).
 
     Raises:
         LoadError: the file is missing, damaged, holds no model, or does not fit ``arch``.
-        UnsafeFileError: the pickle references something other than module classes.
+        UnsafeFileError: loading it would run code the file chose (the message names what).
     """
     path = Path(path)
+    try:
+        policy = Policy(allow)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     fmt = detect_format(path)
     if fmt == "torchscript":
-        try:
-            return torch.jit.load(str(path), map_location=map_location)
-        except Exception as error:
-            raise LoadError(f"{path}: the TorchScript archive cannot be loaded ({first_line(error)})") from error
+        return _load_torchscript(path, trust=trust, map_location=map_location)
     if fmt == "exported":
         from convfuse.exported import load_exported
 
         return load_exported(path, trust=trust)
-    obj = _load_pickle(path, trust=trust, map_location=map_location)
+    obj = _load_pickle(path, trust=trust, policy=policy, map_location=map_location)
     return _as_module(path, obj, arch)
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
+def _load_torchscript(path: Path, *, trust: bool, map_location: Any) -> torch.jit.ScriptModule:
+    if not trust:
+        raise UnsafeFileError(
+            f"{path}: refused to load: a TorchScript archive is code (its methods, __setstate__ among "
+            "them, run inside torch.jit.load and can call any registered operator, such as "
+            f"aten::from_file, which writes files), which convfuse cannot vet; {TRUST_HINT}"
+        )
+    try:
+        with quiet():
+            return torch.jit.load(str(path), map_location=map_location)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
+        raise LoadError(f"{path}: the TorchScript archive cannot be loaded ({first_line(error)})") from error
 
 
-def _load_pickle(path: Path, *, trust: bool, map_location: Any) -> Any:
+def _load_pickle(path: Path, *, trust: bool, policy: Policy, map_location: Any) -> Any:
     if trust:
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as error:
-            raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {first_line(error)})") from error
-    admitted = _admitted_globals(path, _scan_file(path))
+            with quiet():
+                return torch.load(path, map_location=map_location, weights_only=False)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # the file's own code may raise anything, SystemExit too
+            raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {first_line(error)})"
+                            + _main_hint(error)) from error
     try:
-        with torch.serialization.safe_globals(admitted):
-            loaded = torch.load(path, map_location=map_location, weights_only=True)
+        with quiet():
+            with open(path, "rb") as f:
+                if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
+                    open_archive(path).check_size("data.pkl")
+            loaded = torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module(policy))
+        check_object_graph(loaded, policy)
+    except Refused as error:
+        raise refusal(path, error) from error
+    except (KeyboardInterrupt, LoadError):
+        raise
     except Exception as error:
-        text = str(error)
-        match = _UNSUPPORTED_GLOBAL.search(text)
-        if match:  # something the scan could not see (e.g. a newer pickle protocol)
-            raise UnsafeFileError(
-                f"{path}: refused to load: the file references {match.group(1)}; {_TRUST_HINT}"
-            ) from error
-        if "Only persistent_load of storage" in text:
-            raise LoadError(
-                f"{path}: a whole model in torch.save's legacy (pre-1.6) format, which torch's "
-                f"weights-only loader cannot read; re-save it with a current torch.save, or {_TRUST_HINT}"
-            ) from error
-        raise LoadError(
-            f"{path}: cannot be loaded safely ({type(error).__name__}: {first_line(error)}); "
-            f"if the file is damaged, re-save it; if it uses pickle features torch's weights-only "
-            f"loader does not support, {_TRUST_HINT}"
-        ) from error
-    _refuse_callables_from_file(path, loaded)
+        raise LoadError(f"{path}: the file is damaged or truncated ({type(error).__name__}: {first_line(error)})") from error
     return loaded
 
 
-def _refuse_callables_from_file(path: Path, loaded: Any) -> None:
-    """UnsafeFileError where the file gave a module hooks or its own ``forward``.
-
-    What a safe load admits can still be callable (a module class, a ``functools.partial`` of
-    one); torch would call hooks, and the module's ``forward``, with arguments the file chose. A
-    model saved by torch.save of real code never holds such values here: its hook functions would
-    have been refused by the scan.
-    """
-    roots = [loaded] if isinstance(loaded, nn.Module) else []
-    if isinstance(loaded, Mapping):
-        roots = [value for value in loaded.values() if isinstance(value, nn.Module)]
-    for root in roots:
-        for name, module in root.named_modules():
-            attributes = vars(module)
-            hooks = [key for key, value in attributes.items() if key.endswith("hooks") and value]
-            if hooks or "forward" in attributes:
-                what = ", ".join(hooks) if hooks else "forward"
-                raise UnsafeFileError(
-                    f"{path}: refused to load: the file sets {what} of module {name or '(model)'}, which torch "
-                    f"would call with arguments chosen by the file; {_TRUST_HINT}"
-                )
+def _main_hint(error: BaseException) -> str:
+    if isinstance(error, AttributeError) and "__main__" in str(error):
+        return (" (the model's class was defined in the script that saved it, __main__, which this "
+                "process does not have: move the class into a module and import it there)")
+    return ""
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -490,16 +313,27 @@ def _output_format(path: Path, fmt: str | None) -> str:
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
-    """SaveError now, rather than after fusing, if ``path`` cannot be written."""
+    """SaveError now, rather than after fusing, if ``path`` cannot be written: a folder, an
+    existing target that is not a regular file (a device, a pipe, a symbolic link: replacing it
+    would replace that node), or no permission."""
     path = Path(path)
     if path.is_dir():
         raise SaveError(f"{path}: is a directory; give a file name for the output")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:
+        raise SaveError(f"{path}: cannot be written ({error.strerror or error})") from error
+    if mode is not None and not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file (a device, pipe or socket)"
+        raise SaveError(f"{path}: exists and is {what}; convfuse writes only regular files: give another name")
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise SaveError(f"{path}: cannot be written (no write permission in {ancestor})")
-    if path.exists() and not os.access(path, os.W_OK):
+    if mode is not None and not os.access(path, os.W_OK):
         raise SaveError(f"{path}: cannot be written (the existing file is read-only)")
 
 
@@ -524,23 +358,38 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def _atomic_write(path: Path, write: Any, what: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place; on failure remove it
+    and any folder made for it, so nothing is left behind."""
     check_writable(path)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as error:
+        _remove_folders(made)
         raise SaveError(f"{path}: cannot be written ({error.strerror or error})") from error
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, _file_mode(path))
+        check_writable(path)  # the target may have been replaced while the model was written
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _remove_folders(made)
         if isinstance(error, (SaveError, KeyboardInterrupt, SystemExit)):
             raise
         raise SaveError(f"{path}: cannot be written {what} ({type(error).__name__}: {first_line(error)})".replace("  ", " ")) from error
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove the folders a failed save created, innermost first, where they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def check_format(model: Any, fmt: str) -> None:

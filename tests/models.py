@@ -120,3 +120,38 @@ class Recorder(nn.Module):
 def double_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """A forward hook that changes what its module returns."""
     return output * 2
+
+
+MARKER_ENV = "CONVFUSE_TEST_MARKER"
+
+
+def leave_marker(*args: object, **kwargs: object) -> None:
+    """Write the file named by $CONVFUSE_TEST_MARKER: proof that something called this."""
+    import os
+
+    path = os.environ.get(MARKER_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write("called")
+
+
+class Marker(nn.Module):
+    """A module class that leaves the marker whenever it is constructed or called: what a crafted
+    file puts where torch (or convfuse) would call it, with arguments the file does not choose."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+        leave_marker()
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        leave_marker()
+
+
+class LayerFactoryNet(TinyNet):
+    """TinyNet keeping a layer factory, as torchvision's VisionTransformer keeps its norm_layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import functools
+
+        self.norm_layer = functools.partial(nn.LayerNorm, eps=1e-6)

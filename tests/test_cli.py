@@ -30,13 +30,14 @@ SHAPE = "1,3,16,16"
 ANSI = "\x1b["
 DESIGN_KEYS = {"fused", "skipped", "untraced", "verification", "norm_layers", "parameters"}
 VERIFICATION_KEYS = {"passed", "max_abs_error", "max_rel_error", "atol", "rtol"}
+ALLOW = ["tests"]  # the test models' package (CONVFUSE_ALLOW in invoke)
 
 runner = CliRunner()
 
 
 def invoke(*args: object, env: dict[str, str | None] | None = None):
     """Run the command in-process; an exception that escaped the CLI fails the test."""
-    result = runner.invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, **(env or {})})
+    result = runner.invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": "tests", **(env or {})})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"the CLI raised {result.exception!r}") from result.exception
     return result
@@ -105,7 +106,7 @@ def test_success_writes_a_model_that_loads_and_computes_the_same(tmp_path, cls, 
     assert source.read_bytes() == source_bytes
     assert sorted(p.name for p in target.parent.iterdir()) == ["fused.pt"]
     inputs = [torch.randn(*map(int, shape.split(","))) for shape in shapes]
-    for fused in (convfuse.load(target), torch.load(target, weights_only=False)):
+    for fused in (convfuse.load(target, allow=ALLOW), torch.load(target, weights_only=False)):
         assert type(fused) is cls
         assert not fused.training
         assert norm_count(fused) == 0
@@ -133,7 +134,7 @@ def test_nothing_to_fuse_is_success(tmp_path):
     data = json.loads(report.read_text())
     assert data["fused"] == [] and data["norm_layers"] == {"before": 0, "after": 0}
     assert data["verification"]["passed"] is True
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, allow=ALLOW)
     assert type(fused) is NoNormNet
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
@@ -147,7 +148,7 @@ def test_state_dict_with_factory_arch(tmp_path):
     result = invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE)
 
     assert result.exit_code == 0, result.output
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, allow=ALLOW)
     assert type(fused) is TinyNet and norm_count(fused) == 0
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
@@ -165,7 +166,7 @@ def test_state_dict_with_torchvision_arch(tmp_path):
     data = json.loads(report.read_text())
     assert data["norm_layers"] == {"before": norm_count(original), "after": 0}
     assert len(data["fused"]) == norm_count(original)
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, allow=ALLOW)
     assert type(fused) is torchvision.models.ResNet and norm_count(fused) == 0
     assert_same_outputs(original, fused, torch.randn(1, 3, 64, 64))
 
@@ -178,7 +179,7 @@ def test_training_mode_with_eval_is_fused_in_eval_mode(tmp_path):
     result = invoke(source, "-o", target, "--input-shape", SHAPE, "--eval")
 
     assert result.exit_code == 0, result.output
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, allow=ALLOW)
     assert not fused.training and norm_count(fused) == 0
     assert_same_outputs(original.eval(), fused, torch.randn(1, 3, 16, 16))
 
@@ -191,7 +192,7 @@ def test_overwrite_input_replaces_the_input(tmp_path):
 
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
-    fused = convfuse.load(source)
+    fused = convfuse.load(source, allow=ALLOW)
     assert norm_count(fused) == 0
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
@@ -215,7 +216,7 @@ def test_torchscript_output(tmp_path):
 
     assert result.exit_code == 0, result.output
     assert convfuse.serialization.detect_format(target) == "torchscript"
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, trust=True)
     assert isinstance(fused, torch.jit.ScriptModule)
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
@@ -229,7 +230,7 @@ def test_pt2_output_is_an_exported_program(tmp_path):
 
     assert result.exit_code == 0, result.output
     assert convfuse.serialization.detect_format(target) == "exported"
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, allow=ALLOW)
     assert isinstance(fused, torch.export.ExportedProgram)
     assert_same_outputs(original, fused.module(), torch.randn(1, 3, 16, 16))
 
@@ -240,11 +241,11 @@ def test_torchscript_input_gives_a_torchscript_output(tmp_path):
     torch.jit.save(torch.jit.script(original), source)
     target = tmp_path / "fused.pt"
 
-    result = invoke(source, "-o", target, "--input-shape", SHAPE, "--input-shape", "1,2,16,16")
+    result = invoke(source, "-o", target, "--input-shape", SHAPE, "--input-shape", "1,2,16,16", "--trust")
 
     assert result.exit_code == 0, result.output
     assert convfuse.serialization.detect_format(target) == "torchscript"
-    fused = convfuse.load(target)
+    fused = convfuse.load(target, trust=True)
     assert isinstance(fused, torch.jit.ScriptModule)
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16), torch.randn(1, 2, 16, 16))
 
@@ -364,7 +365,7 @@ def test_no_verify_reports_verification_skipped(tmp_path):
     check_report_shape(data)
     assert data["verification"]["passed"] is None
     assert "not verified" in stdout_lines(result)[-1]
-    assert_same_outputs(original, convfuse.load(target), torch.randn(1, 3, 16, 16))
+    assert_same_outputs(original, convfuse.load(target, allow=ALLOW), torch.randn(1, 3, 16, 16))
 
 
 @pytest.mark.parametrize(
@@ -491,7 +492,7 @@ def test_without_strict_a_norm_left_is_success(tmp_path):
     target = tmp_path / "fused.pt"
     result = invoke(source, "-o", target, "--input-shape", SHAPE)
     assert result.exit_code == 0, result.output
-    assert norm_count(convfuse.load(target)) == 1
+    assert norm_count(convfuse.load(target, allow=ALLOW)) == 1
 
 
 # -- exit 2: the user must fix something ------------------------------------------------
@@ -627,7 +628,7 @@ def test_device_cpu(tmp_path):
     source = tiny_file(tmp_path)
     result = invoke(source, "-o", tmp_path / "fused.pt", "--input-shape", SHAPE, "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
-    assert norm_count(convfuse.load(tmp_path / "fused.pt")) == 0
+    assert norm_count(convfuse.load(tmp_path / "fused.pt", allow=ALLOW)) == 0
 
 
 def test_two_inputs_without_input_shape_asks_for_it(tmp_path):
@@ -785,6 +786,7 @@ def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CONVFUSE_DEBUG", "FORCE_COLOR")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["NO_COLOR"] = "1"
+    env["CONVFUSE_ALLOW"] = "tests"
     return env
 
 
@@ -806,7 +808,7 @@ def test_installed_script(tmp_path):
     data = json.loads(report.read_text())
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith(f"convfuse: fused {len(data['fused'])} of {data['norm_layers']['before']}")
-    assert_same_outputs(original, convfuse.load(target), torch.randn(1, 3, 16, 16))
+    assert_same_outputs(original, convfuse.load(target, allow=ALLOW), torch.randn(1, 3, 16, 16))
 
 
 def test_python_dash_m(tmp_path):
@@ -843,8 +845,8 @@ class ProjectNet(nn.Module):
 
 
 def test_script_imports_model_classes_only_from_where_it_is_told(tmp_path):
-    """A model class in the user's folder loads with PYTHONPATH=. and not without: a .py file
-    lying next to a downloaded model is never imported on the file's say-so."""
+    """A model class in the user's folder loads with --allow and PYTHONPATH=., and not without
+    either: a .py file lying next to a downloaded model is never imported on the file's say-so."""
     (tmp_path / "project_model_cwd.py").write_text(PROJECT_MODEL)
     saver = (
         "import sys, torch; sys.path.insert(0, '.'); from project_model_cwd import ProjectNet; "
@@ -853,6 +855,11 @@ def test_script_imports_model_classes_only_from_where_it_is_told(tmp_path):
     env = {k: v for k, v in _subprocess_env().items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", saver], cwd=tmp_path, env=env, check=True, timeout=120)
     command = [shutil.which("convfuse"), "model.pt", "-o", "fused.pt", "--input-shape", SHAPE, "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**env, "PYTHONPATH": "."}, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "--allow project_model_cwd" in proc.stderr
+    command += ["--allow", "project_model_cwd"]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "project_model_cwd.ProjectNet cannot be imported" in proc.stderr

@@ -20,6 +20,8 @@ from convfuse.exported import to_exported
 from convfuse.patterns import Reason
 from tests.conftest import randomize_bn
 
+ALLOW = ["tests"]  # the test models' package
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::DeprecationWarning")
 
 SMALL_INPUT = (1, 3, 16, 16)
@@ -117,7 +119,7 @@ def test_exported_round_trip(tmp_path, resnet, pickle_report_shape, name, decomp
     torch.export.save(program, source)
     norms = len(exported_norms(program))
 
-    loaded = convfuse.load(source)
+    loaded = convfuse.load(source, allow=ALLOW)
     result = convfuse.fuse(loaded)
     convfuse.save(result.model, target)
     fused = torch.export.load(target)
@@ -188,7 +190,7 @@ def test_torchscript_round_trip(tmp_path, resnet, pickle_report_shape, name, how
     torch.jit.save(scripted, source)
     norms = sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
-    loaded = convfuse.load(source)
+    loaded = convfuse.load(source, trust=True)  # TorchScript is code: only with trust
     result = convfuse.fuse(loaded, x)
     convfuse.save(result.model, target, format="torchscript")
     fused = torch.jit.load(target)
@@ -224,7 +226,7 @@ runner = CliRunner()
 
 
 def invoke(*args: object):
-    result = runner.invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None})
+    result = runner.invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": "tests"})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"the CLI raised {result.exception!r}") from result.exception
     return result
@@ -280,7 +282,8 @@ def test_cli_to_torchscript(tmp_path, source_format):
     else:
         torch.jit.save(torch.jit.script(model), source)
 
-    result = invoke(source, "-o", target, "--format", "torchscript", "--input-shape", "1,3,16,16")
+    trust = ["--trust"] if source_format == "torchscript" else []
+    result = invoke(source, "-o", target, "--format", "torchscript", "--input-shape", "1,3,16,16", *trust)
 
     assert result.exit_code == 0, result.output
     fused = torch.jit.load(target)
@@ -365,7 +368,7 @@ def test_cli_torchscript_cannot_be_exported(tmp_path):
     source = tmp_path / "m.ts"
     torch.jit.save(torch.jit.script(small_model()), source)
 
-    line = one_error_line(invoke(source, "-o", tmp_path / "f.pt2"))
+    line = one_error_line(invoke(source, "-o", tmp_path / "f.pt2", "--trust"))
 
     assert "--format torchscript" in line
     assert not (tmp_path / "f.pt2").exists()
@@ -394,7 +397,7 @@ def test_load_exported_checks_sample_inputs(tmp_path, program_file):
     rewrite_archive(program_file, unsafe, evil)
 
     with pytest.raises(convfuse.UnsafeFileError, match="weights-only"):
-        convfuse.load(unsafe)
+        convfuse.load(unsafe, allow=ALLOW)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8), (3, 8)], ids=["batched", "unbatched"])

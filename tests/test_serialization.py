@@ -23,6 +23,8 @@ from convfuse.serialization import detect_format
 from tests.conftest import randomize_bn
 from tests.models import ReflectNet, TinyNet, TinyNetWithSettings, TwoInputNet
 
+ALLOW = ["tests"]  # the test models' package
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 TINY_INPUT = (1, 3, 16, 16)
@@ -57,7 +59,7 @@ def test_whole_model_round_trips_with_its_own_class(tmp_path, cls, inputs):
     path = tmp_path / "model.pt"
     torch.save(model, path)
 
-    loaded = convfuse.load(path)
+    loaded = convfuse.load(path, allow=ALLOW)
 
     assert type(loaded) is cls
     assert not loaded.training
@@ -72,7 +74,7 @@ def test_whole_model_inside_a_checkpoint_dict(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model, "epoch": 7}, path)
 
-    loaded = convfuse.load(path)
+    loaded = convfuse.load(path, allow=ALLOW)
 
     assert type(loaded) is TinyNet
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
@@ -100,7 +102,7 @@ def test_state_dict_with_factory_arch(tmp_path, how):
     path = tmp_path / "weights.pt"
     torch.save(_wrap(model.state_dict(), how), path)
 
-    loaded = convfuse.load(path, arch="tests.models:build_tiny")
+    loaded = convfuse.load(path, arch="tests.models:build_tiny", allow=ALLOW)
 
     assert type(loaded) is TinyNet
     assert not loaded.training
@@ -114,7 +116,7 @@ def test_state_dict_with_torchvision_arch(tmp_path):
     path = tmp_path / "resnet18.pt"
     torch.save({"state_dict": model.state_dict()}, path)
 
-    loaded = convfuse.load(path, arch="resnet18")
+    loaded = convfuse.load(path, arch="resnet18", allow=ALLOW)
 
     assert type(loaded) is torchvision.models.ResNet
     assert not loaded.training
@@ -127,18 +129,8 @@ def test_state_dict_in_legacy_format(tmp_path):
     torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
 
     assert detect_format(path) == "pickle"
-    loaded = convfuse.load(path, arch="tests.models:build_tiny")
+    loaded = convfuse.load(path, arch="tests.models:build_tiny", allow=ALLOW)
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
-
-
-def test_whole_model_in_legacy_format_is_refused_with_a_way_out(tmp_path):
-    path = tmp_path / "legacy.pt"
-    torch.save(tiny(), path, _use_new_zipfile_serialization=False)
-
-    with pytest.raises(LoadError, match="legacy") as info:
-        convfuse.load(path)
-    assert "--trust" in str(info.value)
-    assert type(convfuse.load(path, trust=True)) is TinyNet
 
 
 def test_torchscript_round_trips(tmp_path):
@@ -146,7 +138,9 @@ def test_torchscript_round_trips(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(model), path)
 
-    loaded = convfuse.load(path)
+    with pytest.raises(UnsafeFileError, match="TorchScript archive is code"):
+        convfuse.load(path)
+    loaded = convfuse.load(path, trust=True)
 
     assert isinstance(loaded, torch.jit.ScriptModule)
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
@@ -158,7 +152,7 @@ def test_exported_program_round_trips(tmp_path):
     path = tmp_path / "model.pt2"
     torch.export.save(torch.export.export(model, (example,)), path)
 
-    loaded = convfuse.load(path)
+    loaded = convfuse.load(path, allow=ALLOW)
 
     assert isinstance(loaded, torch.export.ExportedProgram)
     assert_same_outputs(model, loaded.module(), example)
@@ -284,7 +278,7 @@ def test_load_errors_name_the_file(tmp_path, make, message):
     path = tmp_path / "input.pt"
     make(path)
     with pytest.raises(LoadError, match=message) as info:
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
     assert str(path) in str(info.value)
     assert not isinstance(info.value, UnsafeFileError)
 
@@ -293,14 +287,14 @@ def test_state_dict_without_arch_asks_for_arch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"state_dict": tiny().state_dict()}, path)
     with pytest.raises(UsageError, match="--arch"):
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
 
 
 def test_whole_model_with_arch_is_a_usage_error(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(tiny(), path)
     with pytest.raises(UsageError, match="--arch"):
-        convfuse.load(path, arch="resnet18")
+        convfuse.load(path, arch="resnet18", allow=ALLOW)
 
 
 @pytest.mark.parametrize(
@@ -316,7 +310,7 @@ def test_unknown_arch(tmp_path, arch, message):
     path = tmp_path / "sd.pt"
     torch.save(tiny().state_dict(), path)
     with pytest.raises(UsageError, match=message) as info:
-        convfuse.load(path, arch=arch)
+        convfuse.load(path, arch=arch, allow=ALLOW)
     assert arch in str(info.value)
 
 
@@ -342,7 +336,7 @@ def test_state_dict_that_does_not_fit_names_the_keys(tmp_path, mutate):
     path = tmp_path / "sd.pt"
     torch.save(state, path)
     with pytest.raises(LoadError, match="does not fit") as info:
-        convfuse.load(path, arch="tests.models:build_tiny")
+        convfuse.load(path, arch="tests.models:build_tiny", allow=ALLOW)
     assert key in str(info.value)
     assert "tests.models:build_tiny" in str(info.value)
 
@@ -351,7 +345,7 @@ def test_state_dict_for_another_torchvision_model(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(tiny().state_dict(), path)
     with pytest.raises(LoadError, match="does not fit --arch resnet18") as info:
-        convfuse.load(path, arch="resnet18")
+        convfuse.load(path, arch="resnet18", allow=ALLOW)
     assert "conv2.weight" in str(info.value)  # TinyNet's key that resnet18 lacks
 
 
@@ -372,7 +366,7 @@ def test_class_that_cannot_be_imported(tmp_path, monkeypatch):
     importlib.invalidate_caches()
 
     with pytest.raises(LoadError, match=f"{name}.Vanishing cannot be imported") as info:
-        convfuse.load(path)
+        convfuse.load(path, allow=[name])
     assert not isinstance(info.value, UnsafeFileError)
 
 
@@ -428,7 +422,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, payload, functio
     torch.save(_container(payload(marker), where), path)
 
     with pytest.raises(UnsafeFileError) as info:
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
 
     message = str(info.value)
     assert _global_name(function) in message
@@ -465,7 +459,7 @@ def test_pickle_calling_a_module_constructor_is_refused(tmp_path, factory, args)
     torch.save(_CallsModuleClass(factory, args), path)
 
     with pytest.raises(UnsafeFileError, match="constructor") as info:
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
     assert factory.__name__ in str(info.value)
     assert "--trust" in str(info.value)
     loaded = convfuse.load(path, trust=True)  # the control: the file does call it
@@ -483,13 +477,13 @@ def _graph_module_file(tmp_path: Path) -> tuple[nn.Module, Path]:
 def test_graph_module_pickle_is_refused(tmp_path):
     _, path = _graph_module_file(tmp_path)
     with pytest.raises(UnsafeFileError, match="--trust"):
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
 
 
 def test_graph_module_refusal_names_graph_module(tmp_path):
     _, path = _graph_module_file(tmp_path)
     with pytest.raises(UnsafeFileError, match="GraphModule"):
-        convfuse.load(path)
+        convfuse.load(path, allow=ALLOW)
 
 
 def test_graph_module_loads_with_trust(tmp_path):
@@ -499,31 +493,16 @@ def test_graph_module_loads_with_trust(tmp_path):
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
 
 
-def test_plain_object_in_a_model_needs_trust(tmp_path):
+def test_plain_data_object_of_an_allowed_package_loads(tmp_path):
     model = randomize_bn(TinyNetWithSettings(), 8).eval()
     path = tmp_path / "m.pt"
     torch.save(model, path)
 
-    with pytest.raises(UnsafeFileError, match="tests.models.Settings"):
+    with pytest.raises(UnsafeFileError, match="--allow tests"):
         convfuse.load(path)
-    loaded = convfuse.load(path, trust=True)
+    loaded = convfuse.load(path, allow=ALLOW)
     assert type(loaded) is TinyNetWithSettings
     assert loaded.settings.name == model.settings.name
-    assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
-
-
-def test_functools_partial_is_admitted(tmp_path):
-    """A model holding a functools.partial of a module class loads without --trust."""
-    import functools
-
-    model = tiny(9)
-    model.make_head = functools.partial(nn.Conv2d, 4, 2)
-    path = tmp_path / "m.pt"
-    torch.save(model, path)
-
-    loaded = convfuse.load(path)
-    assert isinstance(loaded.make_head, functools.partial)
-    assert loaded.make_head.func is nn.Conv2d
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
 
 
@@ -538,7 +517,7 @@ def test_save_creates_the_folder_and_leaves_only_the_file(tmp_path):
 
     assert files_in(target.parent) == ["fused.pt"]
     assert detect_format(target) == "pickle"
-    for loaded in (convfuse.load(target), torch.load(target, weights_only=False)):
+    for loaded in (convfuse.load(target, allow=ALLOW), torch.load(target, weights_only=False)):
         assert type(loaded) is TinyNet
         assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
 
@@ -563,7 +542,7 @@ def test_save_writes_a_temporary_file_beside_the_target_then_renames(tmp_path, m
     assert dst == target
     assert src.parent == target.parent and src != target
     assert files_in(target.parent) == ["fused.pt"]
-    assert type(convfuse.load(target)) is TinyNet
+    assert type(convfuse.load(target, allow=ALLOW)) is TinyNet
 
 
 class _Unpicklable(TinyNet):
@@ -635,7 +614,7 @@ def test_save_as_torchscript(tmp_path):
     convfuse.save(model, target, format="torchscript")
 
     assert detect_format(target) == "torchscript"
-    loaded = convfuse.load(target)
+    loaded = convfuse.load(target, trust=True)
     assert isinstance(loaded, torch.jit.ScriptModule)
     assert_same_outputs(model, loaded, torch.randn(TINY_INPUT))
 
@@ -671,7 +650,7 @@ def test_a_module_that_fails_on_import_is_a_load_error(tmp_path, monkeypatch):
     (package / "boom_models.py").write_text("raise RuntimeError('broken at import')\n")
     monkeypatch.delitem(sys.modules, "boom_models")
     with pytest.raises(convfuse.LoadError, match=r"model\.pt: .*boom_models.*raised RuntimeError when imported: broken at import"):
-        convfuse.load(tmp_path / "model.pt")
+        convfuse.load(tmp_path / "model.pt", allow=["boom_models"])
 
 
 class _CallsRecorder:
@@ -700,7 +679,7 @@ def test_scan_reads_the_record_torch_loads_not_a_decoy(tmp_path):
             data = pickle.dumps(_CallsRecorder(marker), protocol=2) if name.endswith("/data.pkl") else source.read(name)
             archive.writestr(name, data)
     with pytest.raises(UnsafeFileError, match="constructor of tests.models.Recorder"):
-        convfuse.load(tmp_path / "decoy.pt")
+        convfuse.load(tmp_path / "decoy.pt", allow=ALLOW)
     assert not marker.exists()
 
 
@@ -715,23 +694,7 @@ def test_scan_reads_every_pickle_of_the_legacy_format(tmp_path):
                      {"weights": 1}, _CallsRecorder(marker)):
             pickle.dump(part, f, protocol=2)
     with pytest.raises(UnsafeFileError, match="constructor of tests.models.Recorder"):
-        convfuse.load(tmp_path / "legacy.pt")
-    assert not marker.exists()
-
-
-def test_file_that_sets_hooks_is_refused(tmp_path):
-    """A partial of an admitted module class, stored as a hook, would be called with the file's
-    arguments when the model runs: refused at load, and nothing ran."""
-    import functools
-
-    from tests.models import Recorder
-
-    marker = tmp_path / "pwned"
-    model = tiny()
-    model.register_forward_pre_hook(functools.partial(Recorder, str(marker)))
-    torch.save(model, tmp_path / "hooked.pt")
-    with pytest.raises(UnsafeFileError, match="_forward_pre_hooks of module"):
-        convfuse.load(tmp_path / "hooked.pt")
+        convfuse.load(tmp_path / "legacy.pt", allow=ALLOW)
     assert not marker.exists()
 
 

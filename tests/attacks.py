@@ -1,0 +1,340 @@
+"""Crafted model files for the trust-boundary tests: each would leave a marker file if the code it
+carries ran. ``tests/test_trust.py`` asserts that, without ``--trust``, none of them does, and (as
+the control that the payload is real) that most of them do when trusted.
+
+Marker conventions: ``Recorder(path)`` (tests.models) writes ``path`` when constructed with it, so
+it marks calls whose arguments the file chose; ``Marker`` and ``leave_marker`` write the file named
+by ``$CONVFUSE_TEST_MARKER`` whenever anything calls them, so they mark callables the file put
+where torch or convfuse would call them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tests.models import Marker, Recorder, TinyNet
+
+# -- pickles ------------------------------------------------------------------------------
+
+
+class Reduces:
+    """Pickles as ``func(*args)``: a call with arguments stored in the file."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+class WithState:
+    """Pickles as ``module`` created empty and given its state plus ``extra``, as torch.save
+    writes modules, but past nn.Module's own ``__getstate__`` (which drops some attributes)."""
+
+    def __init__(self, module: nn.Module, extra: dict[str, Any]) -> None:
+        self.module, self.extra = module, extra
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # the pickler checks that __newobj__ makes the object's own class
+        return type(self.module)
+
+    def __reduce_ex__(self, protocol: int):
+        import copyreg
+
+        return (copyreg.__newobj__, (type(self.module),), {**self.module.__dict__, **self.extra})
+
+
+def tiny() -> TinyNet:
+    from convfuse.testing import randomize_bn
+
+    return randomize_bn(TinyNet()).eval()
+
+
+def constructor_call(path: Path, marker: Path) -> Path:
+    """REDUCE of an admitted module class: ``Recorder(marker)`` runs its constructor."""
+    torch.save({"model": tiny(), "extra": Reduces(Recorder, str(marker))}, path)
+    return path
+
+
+def rebuild_from_type(path: Path, marker: Path) -> Path:
+    """torch's own ``_rebuild_from_type_v2(func, type, args, state)`` calls ``func(*args)``."""
+    payload = Reduces(torch._tensor._rebuild_from_type_v2, Recorder, torch.Tensor, (str(marker),), {})
+    torch.save({"model": tiny(), "extra": payload}, path)
+    return path
+
+
+def tensor_backward_hooks(path: Path, marker: Path) -> Path:
+    """A tensor rebuilt with backward hooks the file chose (torch.save never stores them)."""
+    storage = torch.zeros(2).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    hooks = OrderedDict({0: Marker})
+    payload = Reduces(torch._utils._rebuild_tensor_v2, typed, 0, (2,), (1,), True, hooks)
+    torch.save({"model": tiny(), "extra": payload}, path)
+    return path
+
+
+def partial_of_a_class(path: Path, marker: Path) -> Path:
+    """A functools.partial binding the file's arguments to an admitted class, kept as an attribute."""
+    import functools
+
+    model = tiny()
+    model.make = functools.partial(Recorder, str(marker))
+    torch.save(model, path)
+    return path
+
+
+def shadowing(name: str, owner: str = "") -> Callable[[Path, Path], Path]:
+    """A model whose module ``owner`` has the instance attribute ``name`` set to a callable (the
+    Marker class) where its class has a method or attribute of that name: torch would call it
+    (``train`` in ``.eval()``, ``_compiled_call_impl`` on every call, ``__deepcopy__`` on copy, ...)."""
+
+    def build(path: Path, marker: Path) -> Path:
+        model = tiny()
+        if owner:
+            parent, _, attribute = owner.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            holder._modules[attribute] = WithState(holder._modules[attribute], {name: Marker})
+            torch.save(model, path)
+        else:
+            torch.save(WithState(model, {name: Marker}), path)
+        return path
+
+    build.__name__ = f"shadowing_{owner.replace('.', '_') + '_' if owner else ''}{name}"
+    return build
+
+
+def forward_hook(path: Path, marker: Path) -> Path:
+    """A forward hook set by the file: torch calls it on every forward."""
+    model = tiny()
+    model.bn1.register_forward_hook(Marker)
+    torch.save(model, path)
+    return path
+
+
+def module_outside_the_tree(path: Path, marker: Path) -> Path:
+    """A module kept as a plain attribute (not in ``_modules``): invisible to ``named_modules()``,
+    so to any check that walks the module tree (here a Marker, which marks when called)."""
+    model = tiny()
+    hidden = Marker.__new__(Marker)
+    nn.Module.__init__(hidden)  # created without running Marker's constructor
+    object.__setattr__(model, "hidden", hidden)
+    torch.save(model, path)
+    return path
+
+
+def not_a_tensor_in_parameters(path: Path, marker: Path) -> Path:
+    model = tiny()
+    model.conv1._parameters["weight"] = Reduces(Recorder, str(marker))
+    torch.save(model, path)
+    return path
+
+
+@contextmanager
+def fake_modules(*names: str) -> Any:
+    """Importable stand-in modules (and their parents) while a file naming them is written."""
+    made = []
+    try:
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                if prefix not in sys.modules:
+                    sys.modules[prefix] = types.ModuleType(prefix)
+                    made.append(prefix)
+        yield
+    finally:
+        for name in made:
+            sys.modules.pop(name, None)
+
+
+def naming(module: str, name: str = "Net") -> Callable[[Path, Path], Path]:
+    """A file that names ``module.name`` (a class, created empty as torch.save does)."""
+
+    def build(path: Path, marker: Path) -> Path:
+        with fake_modules(module):
+            cls = type(name, (nn.Module,), {"__module__": module})
+            setattr(sys.modules[module], name, cls)
+            torch.save(cls(), path)
+        return path
+
+    return build
+
+
+def legacy_with_a_zip_decoy(path: Path, marker: Path) -> Path:
+    """A legacy (non-zip) pickle that calls a constructor, with a harmless torch.save zip appended:
+    a reader that decides "zip" by the end record scans the decoy while torch unpickles the start."""
+    with open(path, "wb") as f:
+        for part in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+                     {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+                     Reduces(Recorder, str(marker)), []):
+            pickle.dump(part, f, protocol=2)
+        buffer = io.BytesIO()
+        torch.save(tiny(), buffer)
+        f.write(buffer.getvalue())
+    return path
+
+
+# -- TorchScript ------------------------------------------------------------------------------
+
+
+class _SetsState(nn.Module):
+    """A scripted module whose ``__setstate__`` (run by torch.jit.load) writes a file through
+    ``aten::from_file(path, shared=True)``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        written = torch.from_file(self.marker, True, 8)
+        print(written.numel())
+
+
+def torchscript_setstate(path: Path, marker: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_SetsState(str(marker))), path)
+    return path
+
+
+# -- ExportedProgram archives ------------------------------------------------------------------
+
+
+class _Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + torch.ops.aten.full.default([4, 1, 1], 0.0)
+
+
+SMALL_INPUT = (2, 3, 8, 8)
+
+
+def exported_program(path: Path) -> Path:
+    """A genuine .pt2 with a dynamic batch size (so that it holds symbolic expressions)."""
+    from convfuse.testing import randomize_bn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(
+            randomize_bn(_Small()).eval(), (torch.randn(SMALL_INPUT),),
+            dynamic_shapes=({0: torch.export.Dim("batch", max=64)},),
+        )
+        torch.export.save(program, path)
+    return path
+
+
+def _rewrite_program(path: Path, edit: Callable[[dict], None], extra: dict[str, bytes] | None = None) -> Path:
+    source = path.with_suffix(".genuine.pt2")
+    exported_program(source)
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.namelist()[0].split("/")[0]
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("models/model.json"):
+                document = json.loads(data)
+                edit(document)
+                data = json.dumps(document).encode()
+            zout.writestr(info.filename, data)
+        for name, data in (extra or {}).items():
+            zout.writestr(f"{root}/{name}", data)
+    source.unlink()
+    return path
+
+
+def exported_guard_code(path: Path, marker: Path) -> Path:
+    """Guard code, which ExportedProgram.module() turns into a function and runs on every call."""
+
+    def edit(document: dict) -> None:
+        document["guards_code"] = [f"open({str(marker)!r}, 'w').close() is None"]
+
+    return _rewrite_program(path, edit)
+
+
+def exported_sympy_eval(path: Path, marker: Path) -> Path:
+    """A symbolic size expression, which torch.export.load hands to sympy.sympify (an eval)."""
+    payload = (
+        "Integer.__new__.__globals__['__builtins__']['__import__']('pathlib')"
+        f".Path({str(marker)!r}).touch()"
+    )
+
+    def edit(document: dict) -> None:
+        for value in document["graph_module"]["graph"]["tensor_values"].values():
+            for size in value["sizes"]:
+                if "as_expr" in size:
+                    size["as_expr"]["expr_str"] = payload
+                    return
+
+    return _rewrite_program(path, edit)
+
+
+def exported_file_io(path: Path, marker: Path) -> Path:
+    """A graph node calling aten::from_file(marker, shared=True): it writes the file when run."""
+
+    def edit(document: dict) -> None:
+        for node in document["graph_module"]["graph"]["nodes"]:
+            if node["target"] == "torch.ops.aten.full.default":
+                node["target"] = "torch.ops.aten.from_file.default"
+                node["inputs"] = [
+                    {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                    {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                    {"name": "size", "arg": {"as_int": 4}, "kind": 1},
+                ]
+
+    return _rewrite_program(path, edit)
+
+
+_LIBRARY = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void ran(void) {
+    const char *path = getenv("CONVFUSE_TEST_MARKER");
+    FILE *f = path ? fopen(path, "w") : NULL;
+    if (f) { fputs("dlopened", f); fclose(f); }
+}
+"""
+
+
+def shared_library(folder: Path) -> bytes:
+    """A shared library that leaves the marker when loaded (needs a C compiler)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler")
+    source, library = folder / "payload.c", folder / "payload.so"
+    source.write_text(_LIBRARY)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True, capture_output=True)
+    return library.read_bytes()
+
+
+def exported_aoti_payload(path: Path, marker: Path) -> Path:
+    """An AOTInductor payload: a compiled library that torch.export.load would dlopen."""
+    library = shared_library(path.parent)
+    extra = {"data/aotinductor/model/model.so": library, "data/aotinductor/model/model.wrapper.so": library}
+    return _rewrite_program(path, lambda document: None, extra)
