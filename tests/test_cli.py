@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,17 @@ def stdout_lines(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
+PROGRESS = re.compile(r"convfuse: \w+ done \(\d+\.\d\ds\)")
+"""A progress line: one per finished step on stderr where stdout is not a terminal (not with -q)."""
+
+
+def progress_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if PROGRESS.fullmatch(line)]
+
+
 def stderr_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
+    """What stderr says besides progress: warnings and errors."""
+    return [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.fullmatch(line)]
 
 
 def assert_same_outputs(original: nn.Module, fused: nn.Module, *inputs: torch.Tensor) -> None:
@@ -101,7 +111,7 @@ def test_success_writes_a_model_that_loads_and_computes_the_same(tmp_path, cls, 
     result = invoke(source, "-o", target, *shape_args)
 
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
+    assert stderr_lines(result) == []
     assert source.read_bytes() == source_bytes
     assert sorted(p.name for p in target.parent.iterdir()) == ["fused.pt"]
     inputs = [torch.randn(*map(int, shape.split(","))) for shape in shapes]
@@ -138,17 +148,25 @@ def test_nothing_to_fuse_is_success(tmp_path):
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
 
-def test_state_dict_with_factory_arch(tmp_path):
+def test_state_dict_with_factory_arch_is_written_back_in_its_container(tmp_path):
     original = randomize_bn(TinyNet(), 2).eval()
     source = tmp_path / "weights.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}, source)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}, "epoch": 7}, source)
     target = tmp_path / "fused.pt"
+    report = tmp_path / "report.json"
 
-    result = invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE)
+    result = invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE, "--report", report)
 
     assert result.exit_code == 0, result.output
-    fused = convfuse.load(target)
-    assert type(fused) is TinyNet and norm_count(fused) == 0
+    written = torch.load(target, weights_only=True)
+    assert written["epoch"] == 7
+    assert all(key.startswith("module.") for key in written["state_dict"])
+    assert json.loads(report.read_text())["checkpoint"] == {
+        "key": "state_dict", "stored": "state_dict", "prefix": "module.", "kept": ["epoch"]
+    }
+    fused = convfuse.apply_fused_structure(TinyNet().eval(), report)
+    fused.load_state_dict({k.removeprefix("module."): v for k, v in written["state_dict"].items()})
+    assert norm_count(fused) == 0
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
 
@@ -261,7 +279,7 @@ def test_arch_without_input_is_a_demo(tmp_path):
 
 def check_report_shape(data: dict) -> None:
     assert DESIGN_KEYS <= set(data)
-    assert set(data) - DESIGN_KEYS <= {"timings", "reparam"}
+    assert set(data) - DESIGN_KEYS <= {"timings", "reparam", "structure", "checkpoint", "strict", "written"}
     for pair in data["fused"]:
         assert set(pair) == {"producer", "norm", "kind"}
         assert all(isinstance(v, str) for v in pair.values())
@@ -746,7 +764,7 @@ def test_internal_error_exits_3_without_traceback(tmp_path):
 
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output
-    assert result.stderr.startswith("convfuse: internal error: RuntimeError: simulated bug")
+    assert stderr_lines(result)[0].startswith("convfuse: internal error: RuntimeError: simulated bug")
     assert "CONVFUSE_DEBUG" in result.stderr
     assert snapshot(tmp_path) == before
 
@@ -820,7 +838,7 @@ def test_python_dash_m(tmp_path):
     )
 
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS.fullmatch(line)]
     assert len(lines) == 1 and "--trust" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
