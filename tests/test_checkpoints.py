@@ -276,6 +276,7 @@ def timm_model(seed: int) -> nn.Module:
 
 
 def test_timm_training_checkpoint_fuses_the_ema_weights_its_loader_takes(tmp_path):
+    pytest.importorskip("timm")
     from timm.models import load_checkpoint
     from timm.utils import CheckpointSaver, ModelEmaV3
 
