@@ -3,9 +3,9 @@
 Exit codes (DESIGN.md): 0 success (also "nothing to fuse"); 1 the model failed a check
 (verification or --strict), nothing written; 2 the user must fix something, nothing written;
 3 an internal error (a bug of convfuse).
-The report goes to stdout; progress, errors and warnings to stderr; colour and spinners only on a
-terminal (NO_COLOR is honoured), one progress line per finished step elsewhere (-q: none); the last
-line of stdout is always a one-line summary.
+The report goes to stdout, errors and warnings to stderr; colour and spinners only on a terminal
+(NO_COLOR is honoured), elsewhere one progress line on stdout per finished step (-q: none), before
+the tables; the last line of stdout is always a one-line summary.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def convfuse(
     out = _console(sys.stdout)
     err = _console(sys.stderr)
     try:
-        _main(locals(), out, err)
+        _main(locals(), out)
     except CheckFailed as error:
         err.print(f"convfuse: {error}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
@@ -191,7 +191,7 @@ def _console(stream: Any) -> Console:
     return console
 
 
-def _main(options: dict[str, Any], out: Console, err: Console) -> None:
+def _main(options: dict[str, Any], out: Console) -> None:
     from convfuse import checkpoints, serialization
     from convfuse.fuse import fuse
     from convfuse.verify import InputSpec
@@ -226,7 +226,7 @@ def _main(options: dict[str, Any], out: Console, err: Console) -> None:
         serialization.check_writable(options["report"])
 
     timings: dict[str, float] = {}
-    shown = None if quiet else _Progress(out, err)
+    shown = None if quiet else _Progress(out)
     with progress.listening(shown), shown.spinner() if shown is not None else nullcontext():
         with timed(timings, "load"):
             if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
@@ -336,10 +336,11 @@ _STEPS = {
 
 class _Progress:
     """Each step of a run as it goes: at a terminal a spinner with the step and its elapsed time;
-    elsewhere (a CI log) one line on stderr per step as it ends, with its seconds."""
+    elsewhere (a CI log) one line per step as it ends, with its seconds. Both on stdout, before the
+    tables and the summary: stderr stays for the one-line error."""
 
-    def __init__(self, out: Console, err: Console) -> None:
-        self.out, self.err = out, err
+    def __init__(self, out: Console) -> None:
+        self.out = out
         self.step, self.since = "load", time.perf_counter()
 
     def started(self, step: str) -> None:
@@ -347,7 +348,7 @@ class _Progress:
 
     def finished(self, step: str, seconds: float) -> None:
         if not self.out.is_terminal:
-            self.err.print(f"convfuse: {step} done ({seconds:.2f}s)", markup=False, highlight=False, soft_wrap=True)
+            self.out.print(f"convfuse: {step} done ({seconds:.2f}s)", markup=False, highlight=False, soft_wrap=True)
 
     def spinner(self) -> Any:
         return self.out.status(self) if self.out.is_terminal else nullcontext()

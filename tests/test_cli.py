@@ -68,7 +68,7 @@ def stdout_lines(result) -> list[str]:
 
 
 PROGRESS = re.compile(r"convfuse: \w+ done \(\d+\.\d\ds\)")
-"""A progress line: one per finished step on stderr where stdout is not a terminal (not with -q)."""
+"""A progress line: one per finished step on stdout where it is not a terminal (not with -q)."""
 
 
 def progress_lines(text: str) -> list[str]:
@@ -76,8 +76,7 @@ def progress_lines(text: str) -> list[str]:
 
 
 def stderr_lines(result) -> list[str]:
-    """What stderr says besides progress: warnings and errors."""
-    return [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.fullmatch(line)]
+    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 def assert_same_outputs(original: nn.Module, fused: nn.Module, *inputs: torch.Tensor) -> None:
@@ -111,7 +110,7 @@ def test_success_writes_a_model_that_loads_and_computes_the_same(tmp_path, cls, 
     result = invoke(source, "-o", target, *shape_args)
 
     assert result.exit_code == 0, result.output
-    assert stderr_lines(result) == []
+    assert result.stderr == ""
     assert source.read_bytes() == source_bytes
     assert sorted(p.name for p in target.parent.iterdir()) == ["fused.pt"]
     inputs = [torch.randn(*map(int, shape.split(","))) for shape in shapes]
@@ -409,20 +408,28 @@ def test_no_ansi_codes_without_a_terminal(tmp_path, env, outcome):
     assert ANSI not in result.stderr
 
 
-def test_progress_is_one_line_per_step_on_stderr_and_quiet_silences_it(tmp_path):
+def test_progress_is_one_line_per_step_before_the_tables_and_quiet_silences_it(tmp_path):
     source = tiny_file(tmp_path)
     report = tmp_path / "report.json"
 
     result = invoke(source, "-o", tmp_path / "fused.pt", "--input-shape", SHAPE, "--report", report)
 
     assert result.exit_code == 0, result.output
-    steps = [line.split()[1] for line in progress_lines(result.stderr)]
+    steps = [line.split()[1] for line in progress_lines(result.stdout)]
     assert steps == list(json.loads(report.read_text())["timings"])  # each step once, in order, as it ended
     assert steps[0] == "load" and steps[-1] == "save"
-    assert progress_lines(result.stdout) == []
-    assert stdout_lines(result)[-1].startswith("convfuse: fused ")
+    lines = stdout_lines(result)
+    assert lines[: len(steps)] == progress_lines(result.stdout)  # then the tables, then the summary
+    assert lines[-1].startswith("convfuse: fused ")
+    assert result.stderr == ""
     quiet = invoke(source, "-o", tmp_path / "fused.pt", "--input-shape", SHAPE, "-q")
-    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert quiet.exit_code == 0 and progress_lines(quiet.stdout) == []
+
+
+def test_a_failing_step_prints_no_progress_line(tmp_path):
+    result = invoke(tmp_path / "missing.pt", "-o", tmp_path / "fused.pt")
+    assert "no such file" in assert_one_line_error(result)
+    assert result.stdout == ""
 
 
 def test_report_says_whether_strict_passed_and_what_was_written(tmp_path):
@@ -880,7 +887,7 @@ def test_internal_error_exits_3_without_traceback(tmp_path):
 
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output
-    assert stderr_lines(result)[0].startswith("convfuse: internal error: RuntimeError: simulated bug")
+    assert result.stderr.startswith("convfuse: internal error: RuntimeError: simulated bug")
     assert "CONVFUSE_DEBUG" in result.stderr
     assert snapshot(tmp_path) == before
 
@@ -956,7 +963,7 @@ def test_python_dash_m(tmp_path):
     )
 
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS.fullmatch(line)]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--trust" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
