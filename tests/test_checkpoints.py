@@ -21,14 +21,13 @@ import torch
 import torchvision
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
-from typer.testing import CliRunner
 
 import convfuse
-from convfuse.cli import app
 from convfuse.errors import UsageError
 from convfuse.structure import describe_structure
 from tests.conftest import norm_names, randomize_bn
 from tests.models import TinyNet
+from tests.test_cli import assert_one_line_error, invoke
 from tests.test_beyond_pairs import ConcatOfBranches, RepNet, SumOfBranches
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -40,26 +39,9 @@ SHAPE = "1,3,16,16"
 YOLO_SHAPE = "1,3,32,32"  # yolov8n's smallest input (stride 32)
 TIMM_NAME = "mobilenetv3_small_050"  # small, and its norms are BatchNormAct2d (a Sequential once fused)
 
-runner = CliRunner()
-
-
 def flags(options: dict) -> list[str]:
     """The command-line form of a load-options constant."""
     return ["--trust"] * bool(options.get("trust")) + [f"--allow={name}" for name in options.get("allow", [])]
-
-
-def invoke(*args: object):
-    result = runner.invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"the CLI raised {result.exception!r}") from result.exception
-    return result
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("convfuse: error: ")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def run(source: Path, target: Path, *extra: object) -> dict:
@@ -253,7 +235,7 @@ def test_state_dict_with_keys_outside_the_network_needs_prefix(tmp_path):
     source, target = tmp_path / "last.ckpt", tmp_path / "fused.ckpt"
     torch.save(lightning_checkpoint(original), source)
 
-    line = error_line(invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE))
+    line = assert_one_line_error(invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE))
     assert "does not fit" in line and line.endswith("add --prefix model.")
     data = run(source, target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE, "--prefix", "model.")
 
@@ -308,7 +290,7 @@ def test_torchvision_name_for_a_timm_state_dict_suggests_the_timm_form(tmp_path)
     source = tmp_path / "pytorch_model.bin"
     torch.save(timm.create_model("efficientnet_b0", pretrained=False).state_dict(), source)
 
-    line = error_line(invoke(source, "-o", tmp_path / "fused.pt", "--arch", "efficientnet_b0"))
+    line = assert_one_line_error(invoke(source, "-o", tmp_path / "fused.pt", "--arch", "efficientnet_b0"))
 
     assert "does not fit --arch efficientnet_b0" in line and "--arch timm:efficientnet_b0" in line
 
@@ -320,7 +302,7 @@ def test_timm_names_that_do_not_exist(tmp_path, arch, message):
     pytest.importorskip("timm")
     source = tmp_path / "weights.pt"
     torch.save(TinyNet().state_dict(), source)
-    assert message in error_line(invoke(source, "-o", tmp_path / "fused.pt", "--arch", arch))
+    assert message in assert_one_line_error(invoke(source, "-o", tmp_path / "fused.pt", "--arch", arch))
 
 
 # -- safetensors and weights-only outputs -----------------------------------------------
@@ -394,23 +376,23 @@ def test_training_loop_dict_with_namespace_args(tmp_path):
 def test_dict_without_a_model_lists_its_keys(tmp_path):
     source = tmp_path / "last.pt"
     torch.save({"epoch": 1, "model": None, "optimizer": {"state": {}, "param_groups": []}}, source)
-    line = error_line(invoke(source, "-o", tmp_path / "fused.pt"))
+    line = assert_one_line_error(invoke(source, "-o", tmp_path / "fused.pt"))
     assert "'epoch' (int)" in line and "'model' (None)" in line and "'optimizer' (dict)" in line
 
 
 def test_prefix_that_no_key_has(tmp_path):
     source = tmp_path / "weights.pt"
     torch.save({f"net.{k}": v for k, v in TinyNet().state_dict().items()}, source)
-    line = error_line(invoke(source, "-o", tmp_path / "f.pt", "--arch", "tests.models:build_tiny", "--prefix", "model."))
+    line = assert_one_line_error(invoke(source, "-o", tmp_path / "f.pt", "--arch", "tests.models:build_tiny", "--prefix", "model."))
     assert "--prefix 'model.'" in line and "'net.'" in line
-    line = error_line(invoke(source, "-o", tmp_path / "f.pt", "--arch", "tests.models:build_tiny"))
+    line = assert_one_line_error(invoke(source, "-o", tmp_path / "f.pt", "--arch", "tests.models:build_tiny"))
     assert "--prefix net." in line  # an unknown wrapper prefix is not stripped unasked, but named
 
 
 def test_prefix_for_a_whole_model(tmp_path):
     source = tmp_path / "model.pt"
     torch.save(randomize_bn(TinyNet()).eval(), source)
-    assert "--prefix" in error_line(invoke(source, "-o", tmp_path / "f.pt", "--prefix", "model."))
+    assert "--prefix" in assert_one_line_error(invoke(source, "-o", tmp_path / "f.pt", "--prefix", "model."))
 
 
 def test_load_with_prefix(tmp_path):
