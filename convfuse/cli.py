@@ -17,7 +17,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.text import Text
 from convfuse import __version__, progress
 from convfuse.errors import CheckFailed, ConvfuseError, StrictError, TrainingModeError, UsageError
 from convfuse.report import Checkpoint, FuseReport, Strict, timed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from convfuse.checkpoints import Loaded
 
 app = typer.Typer(
     add_completion=False,
@@ -192,7 +195,7 @@ def _console(stream: Any) -> Console:
 
 
 def _main(options: dict[str, Any], out: Console) -> None:
-    from convfuse import checkpoints, serialization
+    from convfuse import serialization
     from convfuse.fuse import fuse
     from convfuse.verify import InputSpec
 
@@ -227,18 +230,10 @@ def _main(options: dict[str, Any], out: Console) -> None:
 
     timings: dict[str, float] = {}
     shown = None if quiet else _Progress(out)
+    failure: CheckFailed | None = None
     with progress.listening(shown), shown.spinner() if shown is not None else nullcontext():
         with timed(timings, "load"):
-            if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
-                from convfuse.testing import randomize_bn
-
-                loaded = checkpoints.Loaded(randomize_bn(serialization.build_arch(options["arch"])))
-            else:
-                input_format = serialization.detect_format(source)
-                with checkpoints.recording() as seen:
-                    model = serialization.load(source, arch=options["arch"], trust=options["trust"],
-                                               prefix=options["prefix"])
-                loaded = seen.result(model, input_format)
+            loaded = _load(source, options)
         model = loaded.model
         if writing:
             output_format = serialization.output_format(target, output_format, loaded.format)
@@ -254,7 +249,6 @@ def _main(options: dict[str, Any], out: Console) -> None:
             model.eval()
 
         example = InputSpec(shapes or None, dtype)
-        report: FuseReport | None = None
         try:
             result = fuse(
                 model, example, verify=not options["no_verify"], atol=options["atol"], rtol=options["rtol"],
@@ -276,15 +270,30 @@ def _main(options: dict[str, Any], out: Console) -> None:
                                        example_inputs=result.example_inputs, like=loaded)
                 report.written = str(target)
         except CheckFailed as error:
-            report = error.report
-            if report is not None:
-                report.checkpoint = report.checkpoint or _checkpoint(loaded)
-                _finish(out, report, timings, options, quiet, failed=True)
-            raise
+            failure = error
+    if failure is not None:  # the report of a failed check is shown too, once the spinner is gone
+        if failure.report is not None:
+            failure.report.checkpoint = failure.report.checkpoint or _checkpoint(loaded)
+            _finish(out, failure.report, timings, options, quiet, failed=True)
+        raise failure
     _finish(out, report, timings, options, quiet, failed=False)
 
 
-def _describe(report: FuseReport, model: Any, loaded: Any) -> None:
+def _load(source: Path | None, options: dict[str, Any]) -> Loaded:
+    """The input's model, and where in the file it lay."""
+    from convfuse import checkpoints, serialization
+
+    if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
+        from convfuse.testing import randomize_bn
+
+        return checkpoints.Loaded(randomize_bn(serialization.build_arch(options["arch"])))
+    input_format = serialization.detect_format(source)
+    with checkpoints.recording() as seen:
+        model = serialization.load(source, arch=options["arch"], trust=options["trust"], prefix=options["prefix"])
+    return seen.result(model, input_format)
+
+
+def _describe(report: FuseReport, model: Any, loaded: Loaded) -> None:
     """The report's records of where the model lay and which modules a fresh build lacks."""
     import torch
 
@@ -295,7 +304,7 @@ def _describe(report: FuseReport, model: Any, loaded: Any) -> None:
         report.structure = describe_structure(model, report)
 
 
-def _checkpoint(loaded: Any) -> Checkpoint | None:
+def _checkpoint(loaded: Loaded) -> Checkpoint | None:
     """Where in the file the model lay; None where the file held the model itself."""
     if loaded.container is None and loaded.stored == "module":
         return None

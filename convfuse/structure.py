@@ -139,7 +139,9 @@ def _norm_change(modules: dict[str, nn.Module], pair: Mapping[str, Any], recorde
     if norm is None or not is_norm(norm):
         found = "no such module" if norm is None else f"a {type(norm).__name__}, not a BatchNorm"
         raise _misfit(name, f"the report folded the norm {name}, but the model has {found}")
-    base = next(cls for cls in _NORM_BASES if isinstance(norm, cls))
+    base = next((cls for cls in _NORM_BASES if isinstance(norm, cls)), None)
+    if base is None:
+        raise _misfit(name, f"the norm {name} is a {type(norm).__name__}, which convfuse does not fold")
     try:
         replacement = analyse_norm(norm, overrides_forward(norm, base)).remainder
     except NormNotFoldable as error:
