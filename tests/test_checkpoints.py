@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,7 +71,8 @@ def check_counts(data: dict, original: nn.Module, fused: nn.Module) -> None:
 @pytest.fixture(scope="module")
 def yolo(tmp_path_factory):
     """yolov8n's last.pt and best.pt, written by ultralytics' trainer code and strip_optimizer."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    environment = pytest.MonkeyPatch()
+    environment.setenv("YOLO_OFFLINE", "1")  # ultralytics never reaches for the network
     pytest.importorskip("ultralytics")
     from ultralytics.cfg import get_cfg
     from ultralytics.engine.trainer import BaseTrainer
@@ -92,7 +92,8 @@ def yolo(tmp_path_factory):
     )
     BaseTrainer.save_model(trainer)
     strip_optimizer(folder / "best.pt")
-    return SimpleNamespace(last=folder / "last.pt", best=folder / "best.pt", model=model)
+    yield SimpleNamespace(last=folder / "last.pt", best=folder / "best.pt", model=model)
+    environment.undo()
 
 
 def yolo_outputs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
