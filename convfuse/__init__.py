@@ -17,6 +17,7 @@ from convfuse.fuse import FuseResult, fuse
 from convfuse.patterns import Reason, Skipped
 from convfuse.report import FusedPair, FuseReport
 from convfuse.serialization import load, save
+from convfuse.structure import apply_fused_structure
 from convfuse.verify import InputSpec, Verification
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "Verification",
     "VerificationError",
     "__version__",
+    "apply_fused_structure",
     "fuse",
     "load",
     "save",

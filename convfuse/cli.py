@@ -1,9 +1,11 @@
 """The ``convfuse`` command: parse, call the library, render the report, map errors to exit codes.
 
 Exit codes (DESIGN.md): 0 success (also "nothing to fuse"); 1 the model failed a check
-(verification or --strict), nothing written; 2 the user must fix something, nothing written.
-The report goes to stdout, errors and warnings to stderr; colour and spinners only on a
-terminal (NO_COLOR is honoured); the last line of stdout is always a one-line summary.
+(verification or --strict), nothing written; 2 the user must fix something, nothing written;
+3 an internal error (a bug of convfuse).
+The report goes to stdout, errors and warnings to stderr; colour and spinners only on a terminal
+(NO_COLOR is honoured), elsewhere one progress line on stdout per finished step (-q: none), before
+the tables; the last line of stdout is always a one-line summary.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from convfuse import __version__
+from convfuse import __version__, progress
 from convfuse.errors import CheckFailed, ConvfuseError, StrictError, TrainingModeError, UsageError
-from convfuse.report import FuseReport, timed
+from convfuse.report import Checkpoint, FuseReport, Strict, timed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from convfuse.checkpoints import Loaded
 
 app = typer.Typer(
     add_completion=False,
@@ -63,8 +70,9 @@ def convfuse(
     input: Annotated[
         Optional[Path],
         typer.Argument(
-            help="Model file: torch.save of a whole model or of a state_dict (with --arch), "
-            "a TorchScript archive, or an ExportedProgram (.pt2). Omit it with --arch to fuse "
+            help="Model file: torch.save of a whole model or of a state_dict (with --arch), a training "
+            "framework's checkpoint holding either (ultralytics, Lightning, timm, a training loop's dict), "
+            "a safetensors file (with --arch), a TorchScript archive, or an ExportedProgram (.pt2). Omit it with --arch to fuse "
             "a freshly built architecture (a demo: its BatchNorm statistics are randomised, as "
             "trained ones would be, so that folding them shows).",
             show_default=False,
@@ -105,7 +113,14 @@ def convfuse(
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) when any BatchNorm is left unfused.")] = False,
     arch: Annotated[
         Optional[str],
-        typer.Option(help="Architecture for a state_dict: a torchvision model name (resnet50) or package.module:factory.",
+        typer.Option(help="Architecture for a state_dict: a torchvision model name (resnet50), timm:NAME (any "
+                     "timm.create_model name) or package.module:factory.", show_default=False),
+    ] = None,
+    prefix: Annotated[
+        Optional[str],
+        typer.Option("--prefix", metavar="PREFIX",
+                     help="The state_dict's key prefix to strip, e.g. model. (its other keys are kept as they are). "
+                     "Default: module., _orig_mod. or model. where all keys have it and that makes them fit --arch.",
                      show_default=False),
     ] = None,
     allow: Annotated[
@@ -126,8 +141,9 @@ def convfuse(
     ] = False,
     format: Annotated[
         Optional[str],
-        typer.Option("--format", help="Output format: pickle, torchscript or exported. Default: the input's (.pt2 output: exported).",
-                     show_default=False),
+        typer.Option("--format", help="Output format: pickle (the model, or the checkpoint it came in), torchscript, "
+                     "exported, state_dict or safetensors (the fused weights alone). Default: the input's; a .pt2, "
+                     ".safetensors or .ts output name implies its format.", show_default=False),
     ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification (the report says so).")] = False,
     reparam: Annotated[
@@ -153,7 +169,8 @@ def convfuse(
 
     Exit codes: 0 success (also nothing to fuse); 1 the model failed a check (verification or
     --strict), nothing written; 2 a problem to fix (usage, unreadable or unsafe input,
-    unwritable output), nothing written.
+    unwritable output), nothing written; 3 an internal error (a bug of convfuse:
+    CONVFUSE_DEBUG=1 shows the traceback), nothing written.
     """
     out = _console(sys.stdout)
     err = _console(sys.stderr)
@@ -200,6 +217,8 @@ def _main(options: dict[str, Any], out: Console) -> None:
     quiet: bool = options["quiet"]
     if source is None and options["arch"] is None:
         raise UsageError("give a model file, or --arch NAME to fuse a freshly built architecture")
+    if source is None and options["prefix"] is not None:
+        raise UsageError("--prefix is for a state_dict file; give the file")
     if target is None and not options["dry_run"]:
         raise UsageError("give the output file with -o/--output (or --dry-run to write nothing)")
     shapes = tuple(parse_shape(s) for s in options["input_shape"] or ())
@@ -210,9 +229,11 @@ def _main(options: dict[str, Any], out: Console) -> None:
     for name in ("atol", "rtol"):
         if options[name] is not None and options[name] < 0:
             raise UsageError(f"--{name} must not be negative")
-    if target is not None and not options["dry_run"]:
+    writing = target is not None and not options["dry_run"]
+    if writing:
         if source is not None and _same_file(source, target) and not options["overwrite_input"]:
             raise UsageError(f"{target}: is the input file; choose another output, or pass --overwrite-input")
+        serialization.output_format(target, output_format)  # a name convfuse does not write: before any work
         serialization.check_writable(target)
     if options["report"] is not None:
         for other, role in ((source, "input model"), (target, "output model")):
@@ -221,60 +242,93 @@ def _main(options: dict[str, Any], out: Console) -> None:
         serialization.check_writable(options["report"])
 
     timings: dict[str, float] = {}
-    with _status(out, quiet, "Loading the model"), timed(timings, "load"):
-        if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
-            from convfuse.testing import randomize_bn
+    shown = None if quiet else _Progress(out)
+    failure: CheckFailed | None = None
+    with progress.listening(shown), shown.spinner() if shown is not None else nullcontext():
+        with timed(timings, "load"):
+            loaded = _load(source, options)
+        model = loaded.model
+        if writing:
+            output_format = serialization.output_format(target, output_format, loaded.format)
+            serialization.check_format(model, output_format)
+        if options["device"]:
+            model = _to_device(model, options["device"])
+        if getattr(model, "training", False):
+            if not options["eval_mode"]:
+                raise TrainingModeError(
+                    f"the model in {source} was saved in training mode, where BatchNorm uses batch statistics; "
+                    "pass --eval to fuse it in eval mode (the output is saved in eval mode)"
+                )
+            model.eval()
 
-            model = randomize_bn(serialization.build_arch(options["arch"]))
-            input_format = "pickle"
-        else:
-            input_format = serialization.detect_format(source)
-            allow = [name for value in options["allow"] or () for name in value.replace(",", " ").split()]
-            model = serialization.load(source, arch=options["arch"], trust=options["trust"], allow=allow)
-    writing = target is not None and not options["dry_run"]
-    if writing:
-        output_format = output_format or _default_format(input_format, target)
-        serialization.check_format(model, output_format)
-    if options["device"]:
-        model = _to_device(model, options["device"])
-    if getattr(model, "training", False):
-        if not options["eval_mode"]:
-            raise TrainingModeError(
-                f"the model in {source} was saved in training mode, where BatchNorm uses batch statistics; "
-                "pass --eval to fuse it in eval mode (the output is saved in eval mode)"
-            )
-        model.eval()
-
-    example = InputSpec(shapes or None, dtype)
-    report: FuseReport | None = None
-    try:
-        with _status(out, quiet, "Tracing, fusing and verifying"):
+        example = InputSpec(shapes or None, dtype)
+        try:
             result = fuse(
                 model, example, verify=not options["no_verify"], atol=options["atol"], rtol=options["rtol"],
                 inplace=True, reparam=options["reparam"],
             )
-        report = result.report
-        if options["strict"] and report.norm_layers.after:
-            raise StrictError(
-                f"--strict: {report.norm_layers.after} BatchNorm layer(s) left unfused (see the report); nothing written",
-                report,
-            )
-        written = None
-        if writing:
-            with _status(out, quiet, f"Saving {target}"), timed(timings, "save"):
-                serialization.save(result.model, target, format=output_format, example_inputs=result.example_inputs)
-            written = target
-    except CheckFailed as error:
-        report = error.report
-        if report is not None:
-            _finish(out, report, timings, options, quiet, None, failed=True)
-        raise
-    _finish(out, report, timings, options, quiet, written, failed=False)
+            report = result.report
+            _describe(report, result.model, loaded)
+            if options["strict"]:
+                report.strict = Strict(passed=not report.norm_layers.after, left=report.norm_layers.after)
+                if not report.strict.passed:
+                    raise StrictError(
+                        f"--strict: {report.norm_layers.after} BatchNorm layer(s) left unfused (see the report); "
+                        "nothing written",
+                        report,
+                    )
+            if writing:
+                with timed(timings, "save"):
+                    serialization.save(result.model, target, format=output_format,
+                                       example_inputs=result.example_inputs, like=loaded)
+                report.written = str(target)
+        except CheckFailed as error:
+            failure = error
+    if failure is not None:  # the report of a failed check is shown too, once the spinner is gone
+        if failure.report is not None:
+            failure.report.checkpoint = failure.report.checkpoint or _checkpoint(loaded)
+            _finish(out, failure.report, timings, options, quiet, failed=True)
+        raise failure
+    _finish(out, report, timings, options, quiet, failed=False)
+
+
+def _load(source: Path | None, options: dict[str, Any]) -> Loaded:
+    """The input's model, and where in the file it lay."""
+    from convfuse import checkpoints, serialization
+
+    if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
+        from convfuse.testing import randomize_bn
+
+        return checkpoints.Loaded(randomize_bn(serialization.build_arch(options["arch"])))
+    input_format = serialization.detect_format(source)
+    allow = [name for value in options["allow"] or () for name in value.replace(",", " ").split()]
+    with checkpoints.recording() as seen:
+        model = serialization.load(
+            source, arch=options["arch"], trust=options["trust"], allow=allow, prefix=options["prefix"]
+        )
+    return seen.result(model, input_format)
+
+
+def _describe(report: FuseReport, model: Any, loaded: Loaded) -> None:
+    """The report's records of where the model lay and which modules a fresh build lacks."""
+    import torch
+
+    from convfuse.structure import describe_structure
+
+    report.checkpoint = _checkpoint(loaded)
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule):
+        report.structure = describe_structure(model, report)
+
+
+def _checkpoint(loaded: Loaded) -> Checkpoint | None:
+    """Where in the file the model lay; None where the file held the model itself."""
+    if loaded.container is None and loaded.stored == "module":
+        return None
+    return Checkpoint(key=loaded.key, stored=loaded.stored, prefix=loaded.prefix, kept=loaded.kept)
 
 
 def _finish(
-    out: Console, report: FuseReport, timings: dict[str, float], options: dict[str, Any], quiet: bool,
-    written: Path | None, *, failed: bool
+    out: Console, report: FuseReport, timings: dict[str, float], options: dict[str, Any], quiet: bool, *, failed: bool
 ) -> None:
     report.timings = {"load": timings["load"], **report.timings, **({"save": timings["save"]} if "save" in timings else {})}
     if options["report"] is not None:
@@ -284,8 +338,8 @@ def _finish(
     if not quiet:
         out.print(report.to_table())
     summary = f"convfuse: {report.summary()}"
-    if written is not None:
-        summary += f"; wrote {written}"
+    if report.written is not None:
+        summary += f"; wrote {report.written}"
     elif failed:
         summary += "; nothing written"
     elif options["dry_run"]:
@@ -293,10 +347,39 @@ def _finish(
     out.print(summary, markup=False, highlight=False, soft_wrap=True)
 
 
-def _default_format(input_format: str, target: Path) -> str:
-    if target.suffix == ".pt2":
-        return "exported"
-    return input_format
+_STEPS = {
+    "load": "Loading the model",
+    "copy": "Copying the model",
+    "trace": "Tracing",
+    "reference": "Running the original model",
+    "fold": "Folding",
+    "reparam": "Merging branches",
+    "verify": "Verifying the fused model",
+    "save": "Saving",
+}
+
+
+class _Progress:
+    """Each step of a run as it goes: at a terminal a spinner with the step and its elapsed time;
+    elsewhere (a CI log) one line per step as it ends, with its seconds. Both on stdout, before the
+    tables and the summary: stderr stays for the one-line error."""
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+        self.step, self.since = "load", time.perf_counter()
+
+    def started(self, step: str) -> None:
+        self.step, self.since = step, time.perf_counter()
+
+    def finished(self, step: str, seconds: float) -> None:
+        if not self.out.is_terminal:
+            self.out.print(f"convfuse: {step} done ({seconds:.2f}s)", markup=False, highlight=False, soft_wrap=True)
+
+    def spinner(self) -> Any:
+        return self.out.status(self) if self.out.is_terminal else nullcontext()
+
+    def __rich__(self) -> Text:  # rendered at every refresh of the spinner
+        return Text(f"{_STEPS.get(self.step, self.step)} ({time.perf_counter() - self.since:.0f}s)")
 
 
 def _dtype(text: str | None) -> Any:
@@ -334,12 +417,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def _status(console: Console, quiet: bool, text: str) -> Any:
-    if quiet or not console.is_terminal:
-        return nullcontext()
-    return console.status(text)
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from convfuse import progress
 from convfuse.patterns import Skipped
 from convfuse.tracing import Untraced
 from convfuse.verify import Verification
 
-__all__ = ["Count", "FusedPair", "FuseReport", "Merged", "timed"]
+__all__ = ["Checkpoint", "Count", "FusedPair", "FuseReport", "Merged", "Replaced", "Strict", "timed"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,39 @@ class Count:
     after: int
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where in the input file the fused model lay: what was replaced when it was written back."""
+
+    key: str | None
+    """The checkpoint dict's key that held it ("ema", "state_dict"); None: the file held it itself."""
+    stored: str
+    """'module' (a whole model) or 'state_dict' (weights, filled into --arch)."""
+    prefix: str
+    """The state_dict key prefix that was stripped (and is written back), e.g. "model."."""
+    kept: list[str] = field(default_factory=list)
+    """The checkpoint's other keys, written back unchanged."""
+
+
+@dataclass(frozen=True)
+class Strict:
+    """The --strict check: it passes when no BatchNorm is left."""
+
+    passed: bool
+    left: int
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """A module of the fused model that a fresh build of the architecture lacks: the module at
+    ``module`` became a ``type`` (with these children, name -> type). What
+    ``convfuse.apply_fused_structure`` rebuilds, and checks its rebuild against."""
+
+    module: str
+    type: str
+    children: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class FuseReport:
     """Everything a user or a CI script needs to know about one fuse; ``to_dict`` is the JSON."""
@@ -56,9 +90,16 @@ class FuseReport:
     parameters: Count = Count(0, 0)
     timings: dict[str, float] = field(default_factory=dict)
     reparam: list[Merged] = field(default_factory=list)
+    structure: list[Replaced] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+    strict: Strict | None = None
+    written: str | None = None
+    """The path the fused model was written to; None where nothing was written."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON report of DESIGN.md (plus ``timings`` in seconds)."""
+        """The JSON report of DESIGN.md, plus ``timings`` (seconds), ``reparam``, ``structure`` (what
+        ``apply_fused_structure`` rebuilds), ``checkpoint`` (where in the input the model lay),
+        ``strict`` (the --strict check, or null) and ``written`` (the output's path, or null)."""
         return {
             "fused": [asdict(pair) for pair in self.fused],
             "skipped": [
@@ -71,6 +112,10 @@ class FuseReport:
             "parameters": asdict(self.parameters),
             "timings": {name: round(seconds, 4) for name, seconds in self.timings.items()},
             "reparam": [{**asdict(m), "kernel": list(m.kernel)} for m in self.reparam],
+            "structure": [asdict(r) for r in self.structure],
+            "checkpoint": asdict(self.checkpoint) if self.checkpoint is not None else None,
+            "strict": asdict(self.strict) if self.strict is not None else None,
+            "written": self.written,
         }
 
     def summary(self) -> str:
@@ -133,11 +178,21 @@ class FuseReport:
         totals.add_row("BatchNorm layers", str(self.norm_layers.before), str(self.norm_layers.after))
         totals.add_row("parameters", f"{self.parameters.before:,}", f"{self.parameters.after:,}")
         parts.append(totals)
+        if self.checkpoint is not None:
+            parts.append(Text(_checkpoint_text(self.checkpoint)))
         parts.append(_verification_text(self.verification))
         if self.timings:
             timing = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.timings.items())
             parts.append(Text(f"Time: {timing}", style="dim"))
         return Group(*parts)
+
+
+def _checkpoint_text(c: Checkpoint) -> str:
+    what = "model" if c.stored == "module" else "state_dict"
+    where = f"the {what} under {c.key!r} of the checkpoint" if c.key is not None else f"the file's {what}"
+    prefix = f", keys prefixed {c.prefix!r}" if c.prefix else ""
+    kept = f"; other keys kept: {', '.join(c.kept)}" if c.kept else ""
+    return f"Checkpoint: fused {where}{prefix}{kept}"
 
 
 def _verification_text(v: Verification) -> Text:
@@ -159,9 +214,13 @@ def _verification_text(v: Verification) -> Text:
 
 @contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the ``with`` block to ``timings[name]`` (seconds)."""
+    """Add the wall time of the ``with`` block to ``timings[name]`` (seconds), telling the
+    progress listener (``convfuse.progress``) when the step starts and when it has succeeded."""
     start = time.perf_counter()
+    progress.started(name)
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + seconds
+    progress.finished(name, seconds)

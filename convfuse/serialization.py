@@ -27,15 +27,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from convfuse import checkpoints
+from convfuse.architectures import build_arch
 from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError, first_line
 from convfuse.files.archives import ZIP_MAGIC, ArchiveError, open_archive
 from convfuse.files.graph import check_object_graph
 from convfuse.files.trust import Policy, Refused, Unimportable
 from convfuse.files.unpickler import pickle_module
 
-__all__ = ["FORMATS", "build_arch", "check_format", "check_writable", "detect_format", "load", "save", "write_text"]
+__all__ = [
+    "EXTENSIONS", "FORMATS", "build_arch", "check_format", "check_writable", "detect_format", "load", "output_format",
+    "save", "write_text",
+]
 
-FORMATS = ("pickle", "torchscript", "exported")
+FORMATS = ("pickle", "torchscript", "exported", "state_dict", "safetensors")
+"""What convfuse writes: a whole model (or the checkpoint it came in), TorchScript, an ExportedProgram,
+or the fused weights alone (``torch.save`` of the state_dict, or safetensors)."""
+
+_PICKLE_NAMES = ("", ".pt", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
+EXTENSIONS = {
+    "pickle": _PICKLE_NAMES,
+    "state_dict": _PICKLE_NAMES,
+    "torchscript": (".ts", ".torchscript", ".jit", "", ".pt", ".pth"),
+    "exported": (".pt2", "", ".pt"),
+    "safetensors": (".safetensors",),
+}
+"""The output file names (by extension) each format is written under; the first implies the format
+where it is the only one that takes it (.ts, .pt2, .safetensors)."""
 
 TRUST_HINT = "pass --trust (convfuse.load(..., trust=True)) only if you trust the file"
 
@@ -89,9 +107,13 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if fmt is None:
             raise LoadError(f"{path}: a zip archive, but not one written by torch.save, torch.jit.save or torch.export.save")
         return fmt
+    if checkpoints.is_safetensors(path):  # before the pickle marker: a header length may start with 0x80
+        return "safetensors"
     if head[:1] == b"\x80":  # a pickle protocol marker: torch.save's legacy format
         return "pickle"
-    raise LoadError(f"{path}: not a PyTorch model file (expected torch.save, torch.jit.save or torch.export.save output)")
+    raise LoadError(
+        f"{path}: not a PyTorch model file (expected torch.save, torch.jit.save, torch.export.save or safetensors output)"
+    )
 
 
 def _existing_file(path: Path) -> Path:
@@ -121,18 +143,23 @@ def load(
     arch: str | None = None,
     trust: bool = False,
     allow: Iterable[str] = (),
+    prefix: str | None = None,
     map_location: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """Load a model the way the command line does.
 
     Args:
         path: a ``torch.save`` file of a whole module or of a state_dict (the latter needs
-            ``arch``), an ExportedProgram (``.pt2``), or (with ``trust``) a TorchScript archive.
-        arch: for a state_dict: a torchvision model name (``resnet50``) or
+            ``arch``), a training framework's checkpoint dict holding either (see
+            ``convfuse.checkpoints``), a safetensors file (with ``arch``), an ExportedProgram
+            (``.pt2``), or (with ``trust``) a TorchScript archive.
+        arch: for a state_dict: a torchvision model name (``resnet50``), ``timm:NAME`` or
             ``package.module:factory``.
         trust: load anything, with torch's full unpickler: runs code from the file.
         allow: packages whose classes the file may name, beyond torch, torchvision and timm
             (``--allow``), e.g. ``["ultralytics"]``.
+        prefix: the state_dict's key prefix to strip (e.g. ``model.``); by default a wrapper's
+            prefix (``module.``, ``_orig_mod.``, ``model.``) is stripped where that makes the keys fit.
         map_location: where tensors are loaded (default: the CPU).
 
     Raises:
@@ -151,8 +178,10 @@ def load(
         from convfuse.exported import load_exported
 
         return load_exported(path, trust=trust)
+    if fmt == "safetensors":
+        return _as_module(path, checkpoints.read_safetensors(path), arch, prefix, fmt)
     obj = _load_pickle(path, trust=trust, policy=policy, map_location=map_location)
-    return _as_module(path, obj, arch)
+    return _as_module(path, obj, arch, prefix)
 
 
 def _load_torchscript(path: Path, *, trust: bool, map_location: Any) -> torch.jit.ScriptModule:
@@ -204,112 +233,56 @@ def _main_hint(error: BaseException) -> str:
     return ""
 
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-def _as_module(path: Path, obj: Any, arch: str | None) -> nn.Module:
-    """The model a loaded object holds: itself, or ``arch`` filled with its state_dict."""
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            if key in obj and isinstance(obj[key], nn.Module) and arch is None:
-                return obj[key]
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            if arch is None:
-                raise UsageError(
-                    f"{path}: holds a state_dict (weights without the architecture); name the "
-                    "architecture with --arch, e.g. --arch resnet50 or --arch mypackage.models:build"
-                )
-            return _fill(path, build_arch(arch), obj, arch)
-        raise LoadError(f"{path}: holds a {type(obj).__name__} that is neither a model nor a state_dict")
-    if isinstance(obj, nn.Module):
-        if arch is not None:
-            raise UsageError(f"{path}: holds a whole model; --arch is only for state_dict files")
-        return obj
-    raise LoadError(f"{path}: holds a {type(obj).__name__}, not a model")
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = dict(state)
-    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items()}
-    return state
-
-
-def _fill(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> nn.Module:
-    state = _strip_prefixes(state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key{'s' if len(missing) > 1 else ''} ({_some(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key{'s' if len(unexpected) > 1 else ''} ({_some(unexpected)})")
-    if mismatched:
-        problems.append(f"size mismatch: {_some(mismatched)}")
-    if problems:
-        raise LoadError(f"{path}: the state_dict does not fit --arch {arch}: " + "; ".join(problems))
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _some(items: list[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
-
-
-def build_arch(spec: str) -> nn.Module:
-    """A fresh model, in eval mode, from a torchvision name or ``package.module:factory``."""
-    if ":" in spec:
-        module_name, _, factory_name = spec.partition(":")
-        try:
-            factory: Any = importlib.import_module(module_name)
-            for attribute in factory_name.split("."):
-                factory = getattr(factory, attribute)
-        except (ImportError, AttributeError) as error:
-            raise UsageError(f"--arch {spec}: cannot find {factory_name} in module {module_name} ({error})") from error
-        try:
-            model = factory()
-        except Exception as error:
-            raise UsageError(f"--arch {spec}: calling {factory_name}() raised {type(error).__name__}: {error}") from error
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"--arch {spec}: {factory_name}() returned a {type(model).__name__}, not an nn.Module")
-        return model.eval()
-    import torchvision
-
-    names = torchvision.models.list_models()
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(
-            f"--arch {spec}: not a torchvision model name (see torchvision.models.list_models()) "
-            f"nor package.module:factory{hint}"
-        )
-    builder = torchvision.models.get_model_builder(spec)
-    kwargs: dict[str, Any] = {"weights": None}
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs["weights_backbone"] = None  # never download
-    return builder(**kwargs).eval()
+def _as_module(path: Path, obj: Any, arch: str | None, prefix: str | None, fmt: str = "pickle") -> nn.Module:
+    """The model a loaded object holds: itself, one in a checkpoint dict, or ``arch`` filled with its state_dict."""
+    return checkpoints.find_model(path, obj, arch=arch, prefix=prefix, fmt=fmt).model
 
 
 # -- saving -----------------------------------------------------------------------------
 
 
-def _output_format(path: Path, fmt: str | None) -> str:
+def output_format(path: str | os.PathLike[str], fmt: str | None = None, input_format: str = "pickle") -> str:
+    """The format ``path`` is written in: ``fmt`` if given; else the one its name implies (``.pt2``,
+    ``.safetensors``, ``.ts``); else the input's (weights read from safetensors, written under a
+    pickle name: their state_dict).
+
+    Raises:
+        UsageError: an unknown ``fmt``, a name convfuse does not write (``.onnx``, ``.engine``), or a
+            name ``fmt`` is not written under.
+    """
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    extension = _extension(path)
+    takers = [name for name, extensions in EXTENSIONS.items() if extension in extensions]
+    if not takers:
+        raise UsageError(
+            f"{path}: convfuse does not write {extension} files; it writes {_formats_written()}. For another "
+            "runtime, convert convfuse's output with that runtime's exporter (e.g. torch.onnx.export on the fused model)"
+        )
     if fmt is None:
-        return "exported" if path.suffix == ".pt2" else "pickle"
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        if len(takers) == 1:
+            return takers[0]
+        if input_format in takers:
+            return input_format
+        return "state_dict" if input_format == "safetensors" else takers[0]
+    if fmt not in takers:
+        raise UsageError(f"{path}: --format {fmt} is written as {_names(fmt)} files; choose a name that fits")
     return fmt
+
+
+def _extension(path: Path) -> str:
+    """The name's extension, lower case; '' for none (and for a version number: ``fused-1.5``)."""
+    suffix = path.suffix.lower()
+    return suffix if any(c.isalpha() for c in suffix) else ""
+
+
+def _names(fmt: str) -> str:
+    return ", ".join(e for e in EXTENSIONS[fmt] if e) + (" or no extension" if "" in EXTENSIONS[fmt] else "")
+
+
+def _formats_written() -> str:
+    return "; ".join(f"{fmt} ({_names(fmt)})" for fmt in FORMATS)
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -337,19 +310,31 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         raise SaveError(f"{path}: cannot be written (the existing file is read-only)")
 
 
-def save(model: Any, path: str | os.PathLike[str], *, format: str | None = None, example_inputs: Any = None) -> None:
+def save(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    example_inputs: Any = None,
+    like: checkpoints.Loaded | None = None,
+) -> None:
     """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
 
-    ``format`` is 'pickle' (``torch.save`` of the whole module), 'torchscript' or 'exported'
-    (default: 'exported' for a ``.pt2`` name, else 'pickle'); the last two may need
-    ``example_inputs`` to trace the model. Nothing is left behind on failure.
+    ``format`` is 'pickle' (``torch.save`` of the whole module), 'torchscript', 'exported',
+    'state_dict' (``torch.save`` of its state_dict) or 'safetensors' (the state_dict); by default
+    what the name implies (:func:`output_format`), else the input's. TorchScript and exported may
+    need ``example_inputs`` to trace the model. ``like``: where the model was read from
+    (``convfuse.checkpoints.Loaded``): a pickle is then the same checkpoint dict with the fused
+    model (or state_dict) in its place, and safetensors keep their key prefix and metadata.
+    Nothing is left behind on failure.
 
     Raises:
+        UsageError: a format or file name convfuse does not write.
         SaveError: the folder cannot be created or written, or the model cannot be serialised.
     """
     path = Path(path)
-    fmt = _output_format(path, format)
-    _atomic_write(path, lambda f: _write(model, f, fmt, example_inputs), f"as {fmt}")
+    fmt = output_format(path, format, like.format if like is not None else "pickle")
+    _atomic_write(path, lambda f: _write(model, f, fmt, example_inputs, like), f"as {fmt}")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -420,10 +405,15 @@ def _file_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def _write(model: Any, f: Any, fmt: str, example_inputs: Any) -> None:
+def _write(model: Any, f: Any, fmt: str, example_inputs: Any, like: checkpoints.Loaded | None) -> None:
     check_format(model, fmt)
     if fmt == "pickle":
-        torch.save(model, f)
+        with checkpoints.framework_layout(model):
+            torch.save(checkpoints.pack(like, model), f)
+    elif fmt == "state_dict":
+        torch.save(checkpoints.weights_of(model), f)
+    elif fmt == "safetensors":
+        f.write(checkpoints.safetensors_bytes(model, like if like is not None and like.format == fmt else None))
     elif fmt == "torchscript":
         scripted = model if isinstance(model, torch.jit.ScriptModule) else _to_torchscript(model, example_inputs)
         torch.jit.save(scripted, f)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def norm_count(model: nn.Module) -> int:
 
 def stdout_lines(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+PROGRESS = re.compile(r"convfuse: \w+ done \(\d+\.\d\ds\)")
+"""A progress line: one per finished step on stdout where it is not a terminal (not with -q)."""
+
+
+def progress_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if PROGRESS.fullmatch(line)]
 
 
 def stderr_lines(result) -> list[str]:
@@ -139,17 +148,25 @@ def test_nothing_to_fuse_is_success(tmp_path):
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
 
-def test_state_dict_with_factory_arch(tmp_path):
+def test_state_dict_with_factory_arch_is_written_back_in_its_container(tmp_path):
     original = randomize_bn(TinyNet(), 2).eval()
     source = tmp_path / "weights.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}, source)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}, "epoch": 7}, source)
     target = tmp_path / "fused.pt"
+    report = tmp_path / "report.json"
 
-    result = invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE)
+    result = invoke(source, "-o", target, "--arch", "tests.models:build_tiny", "--input-shape", SHAPE, "--report", report)
 
     assert result.exit_code == 0, result.output
-    fused = convfuse.load(target, allow=ALLOW)
-    assert type(fused) is TinyNet and norm_count(fused) == 0
+    written = torch.load(target, weights_only=True)
+    assert written["epoch"] == 7
+    assert all(key.startswith("module.") for key in written["state_dict"])
+    assert json.loads(report.read_text())["checkpoint"] == {
+        "key": "state_dict", "stored": "state_dict", "prefix": "module.", "kept": ["epoch"]
+    }
+    fused = convfuse.apply_fused_structure(TinyNet().eval(), report)
+    fused.load_state_dict({k.removeprefix("module."): v for k, v in written["state_dict"].items()})
+    assert norm_count(fused) == 0
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
 
 
@@ -262,7 +279,7 @@ def test_arch_without_input_is_a_demo(tmp_path):
 
 def check_report_shape(data: dict) -> None:
     assert DESIGN_KEYS <= set(data)
-    assert set(data) - DESIGN_KEYS <= {"timings", "reparam"}
+    assert set(data) - DESIGN_KEYS <= {"timings", "reparam", "structure", "checkpoint", "strict", "written"}
     for pair in data["fused"]:
         assert set(pair) == {"producer", "norm", "kind"}
         assert all(isinstance(v, str) for v in pair.values())
@@ -392,6 +409,49 @@ def test_no_ansi_codes_without_a_terminal(tmp_path, env, outcome):
     assert ANSI not in result.stderr
 
 
+def test_progress_is_one_line_per_step_before_the_tables_and_quiet_silences_it(tmp_path):
+    source = tiny_file(tmp_path)
+    report = tmp_path / "report.json"
+
+    result = invoke(source, "-o", tmp_path / "fused.pt", "--input-shape", SHAPE, "--report", report)
+
+    assert result.exit_code == 0, result.output
+    steps = [line.split()[1] for line in progress_lines(result.stdout)]
+    assert steps == list(json.loads(report.read_text())["timings"])  # each step once, in order, as it ended
+    assert steps[0] == "load" and steps[-1] == "save"
+    lines = stdout_lines(result)
+    assert lines[: len(steps)] == progress_lines(result.stdout)  # then the tables, then the summary
+    assert lines[-1].startswith("convfuse: fused ")
+    assert result.stderr == ""
+    quiet = invoke(source, "-o", tmp_path / "fused.pt", "--input-shape", SHAPE, "-q")
+    assert quiet.exit_code == 0 and progress_lines(quiet.stdout) == []
+
+
+def test_a_failing_step_prints_no_progress_line(tmp_path):
+    result = invoke(tmp_path / "missing.pt", "-o", tmp_path / "fused.pt")
+    assert "no such file" in assert_one_line_error(result)
+    assert result.stdout == ""
+
+
+def test_report_says_whether_strict_passed_and_what_was_written(tmp_path):
+    target = tmp_path / "fused.pt"
+    report = tmp_path / "report.json"
+    for source, extra, strict, written in [
+        (tiny_file(tmp_path), ["--strict"], {"passed": True, "left": 0}, str(target)),
+        (save_model(tmp_path, NormAfterActNet().eval(), "left.pt"), ["--strict"], {"passed": False, "left": 1}, None),
+        (tiny_file(tmp_path), [], None, str(target)),
+        (tiny_file(tmp_path), ["--dry-run"], None, None),
+    ]:
+        target.unlink(missing_ok=True)
+        result = invoke(source, "-o", target, "--input-shape", SHAPE, "--report", report, *extra)
+        data = json.loads(report.read_text())
+        assert result.exit_code == (1 if strict and not strict["passed"] else 0), result.output
+        assert data["verification"]["passed"] is True
+        assert data["strict"] == strict and data["written"] == written
+        assert target.exists() == (written is not None)
+        assert data["checkpoint"] is None  # the file held the model itself
+
+
 # -- exit 1: the model failed a check ---------------------------------------------------
 
 
@@ -518,6 +578,13 @@ def _truncated(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _truncated_safetensors(path: Path) -> None:
+    from safetensors.torch import save
+
+    data = save(TinyNet().state_dict())
+    path.write_bytes(data[: len(data) - 64])
+
+
 def _state_dict(path: Path, mutate=None) -> None:
     state = randomize_bn(TinyNet(), 0).state_dict()
     if mutate is not None:
@@ -534,6 +601,9 @@ INPUT_ERRORS = {
     "empty": (lambda p: p.write_bytes(b""), [], "empty"),
     "tensor-only": (lambda p: torch.save(torch.randn(2, 3), p), [], "Tensor"),
     "state-dict-without-arch": (_state_dict, [], "--arch"),
+    "state-dict-in-a-checkpoint-without-arch": (lambda p: torch.save({"state_dict": TinyNet().state_dict(), "epoch": 1}, p),
+                                                [], "under 'state_dict'"),
+    "safetensors-truncated": (_truncated_safetensors, [], "damaged"),
     "unknown-arch": (_state_dict, ["--arch", "resnet81"], "resnet81"),
     "unknown-arch-factory": (_state_dict, ["--arch", "tests.models:nope"], "nope"),
     "state-dict-does-not-fit": (
@@ -724,6 +794,77 @@ def test_output_in_a_read_only_folder(tmp_path):
         folder.chmod(0o755)
 
 
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("fused.onnx", []), ("fused.engine", []), ("fused.tflite", []), ("fused.pt", ["--format", "safetensors"]),
+     ("fused.safetensors", ["--format", "pickle"]), ("fused.pt2", ["--format", "torchscript"])],
+)
+def test_output_names_convfuse_does_not_write(tmp_path, name, extra):
+    source = tiny_file(tmp_path)
+    before = snapshot(tmp_path)
+
+    result = invoke(source, "-o", tmp_path / name, "--input-shape", SHAPE, *extra)
+
+    line = assert_one_line_error(result)
+    assert name in line
+    if not extra:  # names the formats it writes, with their extensions
+        assert "pickle (.pt" in line and "safetensors (.safetensors)" in line and "exported (.pt2" in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("fused", "pickle"), ("fused-1.5", "pickle"), ("fused.safetensors", "safetensors"),
+                                           ("fused.pth.tar", "pickle")])
+def test_output_names_choose_the_format(tmp_path, name, fmt):
+    source = tiny_file(tmp_path)
+    result = invoke(source, "-o", tmp_path / name, "--input-shape", SHAPE, "-q")
+    assert result.exit_code == 0, result.output
+    assert convfuse.serialization.detect_format(tmp_path / name) == fmt
+
+
+MAIN_SCRIPT = """
+import sys, torch
+from torch import nn
+from convfuse.testing import randomize_bn
+
+class ScriptNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+torch.save(randomize_bn(ScriptNet()).eval(), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_class_defined_in_a_script_gets_a_hint(tmp_path, trust):
+    source = tmp_path / "model.pt"
+    subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(source)], env=_subprocess_env(), check=True, timeout=120)
+
+    result = invoke(source, "-o", tmp_path / "fused.pt", *(["--trust"] if trust else []))
+
+    line = assert_one_line_error(result)
+    assert "__main__" in line
+    if trust:  # torch's own unpickler says only that it cannot find the class: convfuse says why and what to do
+        assert "defined in the script that saved it" in line and "move the class into a module" in line
+
+
+def test_arch_factory_in_the_current_folder_needs_pythonpath(tmp_path):
+    (tmp_path / "my_arch_cf.py").write_text("from tests.models import build_tiny as build\n")
+    command = [shutil.which("convfuse"), "--arch", "my_arch_cf:build", "--dry-run", "--input-shape", SHAPE, "-q"]
+    env = _subprocess_env()  # PYTHONPATH is the repository only: the current folder is not searched
+
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "my_arch_cf" in proc.stderr and "PYTHONPATH=." in proc.stderr and "Traceback" not in proc.stderr
+    env["PYTHONPATH"] += os.pathsep + "."
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- exit 3: a bug of ours --------------------------------------------------------------
 
 
@@ -774,9 +915,11 @@ def test_help(flag):
     result = invoke(flag)
     assert result.exit_code == 0
     for option in ("--output", "--input-shape", "--dtype", "--atol", "--rtol", "--report", "--dry-run", "--strict",
-                   "--arch", "--trust", "--format", "--no-verify", "--eval", "--overwrite-input", "--version"):
+                   "--arch", "--prefix", "--trust", "--format", "--no-verify", "--eval", "--overwrite-input", "--version",
+                   "timm:NAME", "safetensors", "state_dict"):
         assert option in result.stdout, option
     assert "Exit codes" in result.stdout
+    assert "3 an internal error" in " ".join(result.stdout.split())
 
 
 # -- the installed command --------------------------------------------------------------
