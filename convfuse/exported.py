@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind
 
 from convfuse import inputs
 from convfuse import verify as verification
-from convfuse.errors import InputError, LoadError, SaveError, UnsafeFileError, first_line
+from convfuse.errors import InputError, LoadError, SaveError, first_line
 from convfuse.exported_rewrite import fuse_program
 from convfuse.fuse import FuseResult, verify_fused
 from convfuse.report import timed

@@ -10,16 +10,13 @@ TorchScript archives are code and need ``trust``; ExportedProgram archives are v
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import logging
 import os
 import stat
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
