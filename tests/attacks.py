@@ -338,3 +338,24 @@ def exported_aoti_payload(path: Path, marker: Path) -> Path:
     library = shared_library(path.parent)
     extra = {"data/aotinductor/model/model.so": library, "data/aotinductor/model/model.wrapper.so": library}
     return _rewrite_program(path, lambda document: None, extra)
+
+
+def deferred_call_in_a_data_object(path: Path, marker: Path) -> Path:
+    """A plain class of torch whose ``__str__`` calls a stored function with stored arguments
+    (``torch._logging``'s LazyString), put where installed code formats a string: nn.Upsample's
+    ``mode``, which F.interpolate puts in an error message. (Found by the red team.)"""
+    from torch._logging._internal import LazyString
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Upsample(scale_factor=2.0)).eval()
+    model[2].mode = LazyString(torch.serialization._open_file, str(marker), "w")
+    torch.save(model, path)
+    return path
+
+
+def a_class_as_a_value(path: Path, marker: Path) -> Path:
+    """An admitted module class other than a torch layer held as an attribute, where installed code
+    could call it (Recorder marks the path it is constructed with)."""
+    model = tiny()
+    model.factory = Recorder
+    torch.save(model, path)
+    return path

@@ -104,6 +104,10 @@ ROUTES = {
         attacks.module_outside_the_tree, "outside the module tree", runs=lambda m: m.hidden(x())
     ),
     "not-a-tensor-in-parameters": Route(attacks.not_a_tensor_in_parameters, "Recorder"),
+    "deferred-call-in-a-data-object": Route(
+        attacks.deferred_call_in_a_data_object, "LazyString", allow=(), runs=lambda m: convfuse.fuse(m, x())
+    ),
+    "a-class-as-a-value": Route(attacks.a_class_as_a_value, "as a value", runs=lambda m: m.factory(os.environ[MARKER_ENV])),
     # 4. the reader and the load must read the same bytes
     "legacy-with-a-zip-decoy": Route(attacks.legacy_with_a_zip_decoy, "constructor of tests.models.Recorder"),
     # 5. TorchScript is code

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convfuse.files.trust import Kind, Policy, Refused
+from convfuse.files.trust import Kind, Policy, Refused, is_layer_class
 from convfuse.files.unpickler import shadowed
 
 __all__ = ["MAX_DEPTH", "check_object_graph"]
@@ -74,8 +74,15 @@ class _Walker:
     def _children(self, value: Any, path: str, depth: int, inside: bool) -> list[tuple[Any, str, int, bool]]:
         if isinstance(value, nn.Module):
             return self._module(value, path, depth)
-        if isinstance(value, (type, enum.Enum)):
-            return []  # an admitted class or enum member, held as a value
+        if isinstance(value, enum.Enum):
+            return []
+        if isinstance(value, type):
+            if is_layer_class(value):
+                return []  # a layer factory, as ResNet's _norm_layer
+            raise Refused(
+                f"{path}: holds the class {value.__module__}.{value.__qualname__} as a value, which installed "
+                "code could call; only torch layer classes (a norm_layer) may be held so"
+            )
         items: list[tuple[Any, str, int, bool]] = []
         if isinstance(value, Mapping):
             items = [(v, f"{path}[{k!r}]", depth, inside) for k, v in value.items()]
@@ -86,8 +93,11 @@ class _Walker:
         if isinstance(value, functools.partial):
             return [(value.args, f"{path}.args", depth, inside), (value.keywords, f"{path}.keywords", depth, inside)]
         admitted = self.policy.admission(value)
-        if admitted is not None and admitted.kind in (Kind.FUNCTION, Kind.REBUILD, Kind.VALUE):
+        if admitted is not None and admitted.kind is Kind.FUNCTION:
             return []
+        if admitted is not None or callable(value) and not self.policy.kind_of(type(value)):
+            what = admitted.name if admitted is not None else type(value).__qualname__
+            raise Refused(f"{path}: holds {what} as a value, which installed code could call")
         if (
             isinstance(value, torch.Tensor)
             or self.policy.kind_of(type(value)) in (Kind.DATA, Kind.INERT)

@@ -28,7 +28,7 @@ from torch import nn
 
 from convfuse.errors import first_line
 
-__all__ = ["DEFAULT_PACKAGES", "PURE_FUNCTIONS", "Admitted", "Kind", "Policy", "Refused", "Unimportable", "python3_name"]
+__all__ = ["DATA_CLASSES", "DEFAULT_PACKAGES", "PURE_FUNCTIONS", "is_layer_class", "Admitted", "Kind", "Policy", "Refused", "Unimportable", "python3_name"]
 
 DEFAULT_PACKAGES = ("torch", "torchvision", "timm")
 
@@ -96,7 +96,10 @@ PURE_FUNCTIONS = (
     "torchvision.ops.boxes.box_iou", "torchvision.ops.boxes.generalized_box_iou",
     "torchvision.ops.boxes.complete_box_iou", "torchvision.ops.boxes.distance_box_iou",
     "torchvision.ops.boxes.box_area", "torchvision.models.optical_flow.raft._pass_through_h",
-    # activations kept as attributes
+    # activations kept as attributes (timm's act_fn)
+    *(f"timm.layers.activations.{name}" for name in (
+        "swish", "mish", "sigmoid", "tanh", "hard_swish", "hard_sigmoid", "hard_mish", "gelu", "gelu_tanh", "quick_gelu",
+    )),
     "torch.relu", "torch.sigmoid", "torch.tanh",
     "torch.nn.functional.relu", "torch.nn.functional.relu6", "torch.nn.functional.gelu",
     "torch.nn.functional.silu", "torch.nn.functional.mish", "torch.nn.functional.hardswish",
@@ -105,6 +108,17 @@ PURE_FUNCTIONS = (
     "torch.nn.functional.softmax", "torch.nn.functional.log_softmax",
 )
 """Functions a model may hold as attributes: pure tensor math, called only by installed code."""
+
+DATA_CLASSES = (
+    "torchvision.models.detection._utils.BoxCoder", "torchvision.models.detection._utils.BoxLinearCoder",
+    "torchvision.models.detection._utils.Matcher", "torchvision.models.detection._utils.SSDMatcher",
+    "torchvision.models.detection._utils.BalancedPositiveNegativeSampler",
+)
+"""The plain (non-module) classes of the default packages a file may hold: torchvision's detection
+helpers. Any class's special methods run when installed code formats, compares, hashes or calls
+a value it expects to be a string or a number, so the default packages' thousands of other plain
+classes (``torch._logging``'s LazyString calls a stored function from ``__str__``) are not
+admitted; a package you ``--allow`` vouches for its own."""
 
 _PARTIAL = "functools.partial"
 
@@ -117,6 +131,21 @@ allowed package that defines one is not plain data (torch's own modules may: the
 
 _INERT_BASES = (dict, list, set, types.SimpleNamespace)
 _CONSTANT_TYPES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)
+
+
+def _python_code(value: Any) -> str | None:
+    """The module of the Python function behind a class attribute (a method, property, class or
+    static method), None for anything else (data, C functions of a built-in base)."""
+    if isinstance(value, property):
+        value = value.fget
+    value = getattr(value, "__func__", value)
+    return value.__module__ if inspect.isfunction(value) else None
+
+
+def is_layer_class(obj: Any) -> bool:
+    """A torch layer class (``nn.BatchNorm2d``): the one kind of class a model may hold as a value
+    (ResNet's ``_norm_layer``), and the only one a ``functools.partial`` may bind."""
+    return isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__.startswith("torch.nn.")
 
 
 def python3_name(module: str, name: str) -> tuple[str, str]:
@@ -202,7 +231,7 @@ class Policy:
             _check_module_class(full, obj)
             return Kind.MODULE
         if isinstance(obj, type):
-            return _data_kind(full, obj)
+            return self._data_kind(full, obj)
         if callable(obj) and owner == "torch.fx.graph_module":
             raise Refused(
                 f"the file holds a torch.fx GraphModule ({full}), whose forward is code stored in the file "
@@ -214,6 +243,41 @@ class Policy:
                 "of pure functions (see the README's loading policy)"
             )
         raise Refused(f"the file names {full}, a {type(obj).__name__} object rather than a class")
+
+
+    def _data_kind(self, full: str, cls: type) -> Kind:
+        """A plain class restored by default pickling (DATA), an enum or a subclass of an inert
+        container type that keeps its base's construction (INERT); Refused for anything else.
+        From the default packages only the listed data classes and plain enums."""
+        default_package = cls.__module__.split(".")[0] in DEFAULT_PACKAGES
+        if issubclass(cls, enum.Enum):
+            # members are looked up by value (EnumType.__call__); the enum machinery's own methods
+            # (__str__, __format__, ...) are the only code an enum may bring
+            own = [name for name, value in vars(cls).items() if _python_code(value) not in (None, "enum")]
+            if own or any("_missing_" in vars(base) for base in cls.__mro__ if base.__module__ != "enum"):
+                raise Refused(f"the file names {full}, an enum with methods of its own ({', '.join(own) or '_missing_'})")
+            return Kind.INERT
+        if default_package and full not in DATA_CLASSES:
+            raise Refused(
+                f"the file holds a {full}, a class of {cls.__module__.split('.')[0]} that is neither an nn.Module "
+                "nor one of the few data classes convfuse admits from the default packages"
+            )
+        inert_base = next((b for b in cls.__mro__[1:] if b in _INERT_BASES), None)
+        if type(cls) not in (type, abc.ABCMeta):
+            raise Refused(f"the file names {full}, whose class has a custom metaclass ({type(cls).__name__})")
+        for base in cls.__mro__:
+            if base is object or base is inert_base:
+                break
+            if base.__module__.split(".")[0] in ("builtins",):
+                raise Refused(f"the file names {full}, a subclass of the built-in {base.__name__}")
+            own = [m for m in _STATE_METHODS if m in vars(base)]
+            if inert_base is not None:
+                own += [m for m in ("__init__", "__setitem__", "append", "extend", "update") if m in vars(base)]
+            if own:
+                raise Refused(
+                    f"the file names {full}, whose class defines {', '.join(own)}, which would run on the file's data"
+                )
+        return Kind.INERT if inert_base is not None else Kind.DATA
 
 
 def _check_module_class(full: str, cls: type) -> None:
@@ -233,33 +297,6 @@ def _check_module_class(full: str, cls: type) -> None:
                 f"the file holds a {full}, whose class {base.__module__}.{base.__qualname__} defines "
                 f"{', '.join(own)}, which would run on the file's data"
             )
-
-
-def _data_kind(full: str, cls: type) -> Kind:
-    """A plain class restored by default pickling (DATA), or a subclass of an inert container type
-    that keeps its base's construction (INERT); Refused for anything else."""
-    if issubclass(cls, enum.Enum):
-        # members are looked up by value (EnumType.__call__), which runs no code of the class
-        # unless it defines _missing_
-        if any("_missing_" in vars(base) for base in cls.__mro__ if base.__module__ != "enum"):
-            raise Refused(f"the file names {full}, an enum whose _missing_ would run on the file's data")
-        return Kind.INERT
-    inert_base = next((b for b in cls.__mro__[1:] if b in _INERT_BASES), None)
-    if type(cls) not in (type, abc.ABCMeta):
-        raise Refused(f"the file names {full}, whose class has a custom metaclass ({type(cls).__name__})")
-    for base in cls.__mro__:
-        if base is object or base is inert_base:
-            break
-        if base.__module__.split(".")[0] in ("builtins",):
-            raise Refused(f"the file names {full}, a subclass of the built-in {base.__name__}")
-        own = [m for m in _STATE_METHODS if m in vars(base)]
-        if inert_base is not None:
-            own += [m for m in ("__init__", "__setitem__", "append", "extend", "update") if m in vars(base)]
-        if own:
-            raise Refused(
-                f"the file names {full}, whose class defines {', '.join(own)}, which would run on the file's data"
-            )
-    return Kind.INERT if inert_base is not None else Kind.DATA
 
 
 # -- importing ------------------------------------------------------------------------------

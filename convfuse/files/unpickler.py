@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from convfuse.files.trust import Kind, Policy, Refused, python3_name
+from convfuse.files.trust import Kind, Policy, Refused, is_layer_class, python3_name
 
 __all__ = ["MAX_OPCODES", "pickle_module", "shadowed"]
 
@@ -135,7 +135,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
             _check_constructor_keys(func, args)
             return func(*args)
         if kind is Kind.PARTIAL:
-            if len(args) != 1 or not _layer_class(args[0]):
+            if len(args) != 1 or not is_layer_class(args[0]):
                 raise Refused(
                     "the file makes a functools.partial of something other than a torch layer class; "
                     "only layer factories such as partial(nn.LayerNorm, eps=1e-6) are admitted"
@@ -313,10 +313,6 @@ def _check_constructor_keys(func: Any, args: tuple) -> None:
                     _check_key(item[0])
 
 
-def _layer_class(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__.startswith("torch.nn.")
-
-
 _PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype)
 
 
@@ -328,7 +324,7 @@ def _check_partial_state(state: Any) -> None:
     plain_kwargs = kwargs is None or (
         isinstance(kwargs, dict) and all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in kwargs.items())
     )
-    if not _layer_class(func) or not plain_args or not plain_kwargs or namespace:
+    if not is_layer_class(func) or not plain_args or not plain_kwargs or namespace:
         raise Refused(
             "the file holds a functools.partial that is not a torch layer class with plain arguments; "
             "only layer factories such as partial(nn.LayerNorm, eps=1e-6) are admitted"
