@@ -187,6 +187,13 @@ def convfuse(
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
+    except SystemExit as error:  # the model's own code (its forward, a class it imports) exited
+        err.print(
+            f"convfuse: error: the model's code called sys.exit({error.code!r}) while convfuse ran it; "
+            "nothing written",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     except Exception as error:  # a bug of ours: say so plainly, no traceback unless asked
         if os.environ.get("CONVFUSE_DEBUG"):
             raise

@@ -10,6 +10,7 @@ TorchScript archives are code and need ``trust``; ExportedProgram archives are v
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -208,11 +209,13 @@ def _load_pickle(path: Path, *, trust: bool, policy: Policy, map_location: Any) 
             raise LoadError(f"{path}: cannot be loaded ({type(error).__name__}: {first_line(error)})"
                             + _main_hint(error)) from error
     try:
-        with quiet():
-            with open(path, "rb") as f:
-                if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
-                    open_archive(path).check_size("data.pkl")
-            loaded = torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module(policy))
+        with quiet(), open(path, "rb") as raw:
+            if raw.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
+                open_archive(path).check_size("data.pkl")
+                source: Any = path
+            else:
+                source = _Unmapped(raw)
+            loaded = torch.load(source, map_location=map_location, weights_only=False, pickle_module=pickle_module(policy))
         check_object_graph(loaded, policy)
     except Refused as error:
         raise refusal(path, error) from error
@@ -221,6 +224,19 @@ def _load_pickle(path: Path, *, trust: bool, policy: Policy, map_location: Any) 
     except Exception as error:
         raise LoadError(f"{path}: the file is damaged or truncated ({type(error).__name__}: {first_line(error)})") from error
     return loaded
+
+
+class _Unmapped(io.BufferedReader):
+    """A file that says it has no descriptor: ``torch.load`` then reads a legacy pickle as a
+    stream, and never tries it as its ancient tar format (which it would unpack into a folder,
+    links and all)."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        super().__init__(raw.raw)
+        self.seek(0)  # the reader it shares the file with may have read ahead
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
 
 
 def _main_hint(error: BaseException) -> str:
@@ -392,7 +408,7 @@ def _file_mode(path: Path) -> int:
     """The permissions a new file would get (``mkstemp`` makes 0600): those of the file being
     replaced, else 0666 less the umask, read without changing it where the system tells."""
     if path.exists():
-        return path.stat().st_mode & 0o7777
+        return path.stat().st_mode & 0o777  # never a setuid/setgid bit of whatever was there
     try:
         with open("/proc/self/status") as status:
             umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))

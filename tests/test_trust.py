@@ -107,6 +107,13 @@ ROUTES = {
     "deferred-call-in-a-data-object": Route(
         attacks.deferred_call_in_a_data_object, "LazyString", allow=(), runs=lambda m: convfuse.fuse(m, x())
     ),
+    # (torch's full unpickler trips over _LazyModule's __getattr__ first: the control is in memory, below)
+    "chained-wrappers": Route(attacks.chained_wrappers, "neither an nn.Module nor", allow=(), runs=False),
+    "module-with-its-own-setstate": Route(
+        attacks.module_with_its_own_setstate, "__setstate__", allow=(), runs=False
+    ),
+    "allocation-by-argument": Route(attacks.allocation_by_argument, "bytearray of a size", runs=False),
+    "numpy-array-of-any-shape": Route(attacks.numpy_array_of_any_shape, "numpy.ndarray", runs=False),
     "a-class-as-a-value": Route(attacks.a_class_as_a_value, "as a value", runs=lambda m: m.factory(os.environ[MARKER_ENV])),
     # 4. the reader and the load must read the same bytes
     "legacy-with-a-zip-decoy": Route(attacks.legacy_with_a_zip_decoy, "constructor of tests.models.Recorder"),
@@ -121,6 +128,12 @@ ROUTES = {
     "exported-file-io": Route(
         attacks.exported_file_io, "aten.from_file", allow=(), suffix=".pt2",
         runs=lambda p: p.module()(torch.randn(attacks.SMALL_INPUT)),
+    ),
+    "exported-sympy-string-argument": Route(
+        attacks.exported_sympy_string_argument, "where sympy would parse it", allow=(), suffix=".pt2"
+    ),
+    "exported-dunder-target": Route(
+        attacks.exported_dunder_target, "torch.ops.aten.__class__", allow=(), suffix=".pt2", runs=False
     ),
     "exported-aoti-payload": Route(
         attacks.exported_aoti_payload, "AOTInductor", allow=(), suffix=".pt2", runs=False
@@ -190,6 +203,40 @@ def test_the_payload_is_real_when_trusted(tmp_path, marker, name):
     assert marker.exists()
 
 
+def test_the_chained_gadgets_are_real(tmp_path, marker):
+    """The control for the two routes above whose payload torch's own unpickler cannot rebuild:
+    the same objects, made in memory, run the shell command when formatted or given their state."""
+    with pytest.raises(TypeError):  # os.system returns an int: __str__ "fails", after running it
+        str(attacks._shell(f"touch {marker}"))
+    assert marker.exists()
+    marker.unlink()
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    attacks.module_with_its_own_setstate(tmp_path / "m.pt", marker)
+    holder = torch.load(tmp_path / "m.pt", weights_only=False, pickle_module=_DictFilling)
+    assert not marker.exists()
+    OptimizedModule.__setstate__(holder["model"], holder["model"].__dict__.copy())
+    assert marker.exists()
+
+
+class _DictFilling:
+    """A pickle module whose BUILD only fills ``__dict__``, as convfuse's did: enough to rebuild the
+    gadget objects without calling their methods."""
+
+    class Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
+        dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+        def load_build(self) -> None:
+            state = self.stack.pop()
+            self.stack[-1].__dict__.update(state)
+
+        dispatch[pickle.BUILD[0]] = load_build
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _DictFilling.Unpickler(file, **kwargs).load()
+
+
 def test_rebuild_from_type_of_a_torch_tensor_type_still_loads(tmp_path):
     """torch.save itself uses _rebuild_from_type_v2 for tensors with Python attributes."""
     tensor = torch.randn(3)
@@ -199,6 +246,49 @@ def test_rebuild_from_type_of_a_torch_tensor_type_still_loads(tmp_path):
     assert loaded["extra"].note == "a plain attribute"
     model = convfuse.load(tmp_path / "m.pt", allow=["tests"])
     assert type(model) is TinyNet
+
+
+def test_the_legacy_tar_format_is_never_unpacked(tmp_path):
+    """torch's tar loader would extract a hard link (and chmod the file it points to) or block on a
+    FIFO; convfuse hands torch a stream, so the tar path is never taken."""
+    import stat
+    import tarfile
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    link = tarfile.TarInfo("storages")
+    link.type, link.linkname, link.mode = tarfile.LNKTYPE, str(victim), 0o777
+    path = attacks.legacy_tar(tmp_path / "hardlink.pt", link)
+    with pytest.raises(LoadError):
+        convfuse.load(path)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    fifo = tarfile.TarInfo("storages")
+    fifo.type = tarfile.FIFOTYPE
+    path = attacks.legacy_tar(tmp_path / "fifo.pt", fifo)
+    proc = subprocess.run([sys.executable, "-c", f"import convfuse; convfuse.load({str(path)!r})"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 1 and "LoadError" in proc.stderr
+
+
+def test_many_modules_are_checked_in_linear_time(tmp_path):
+    """20,000 modules sharing one state cost a few bytes each in the file; the object-graph check
+    must not be quadratic in them (it once was: 72 s)."""
+    template = nn.Identity()
+    modules = [attacks.AsNewObj(nn.Identity, dict(vars(template))) for _ in range(20_000)]
+    torch.save({"state_dict": TinyNet().state_dict(), "many": modules}, tmp_path / "m.pt")
+    assert type(convfuse.load(tmp_path / "m.pt", arch="tests.models:build_tiny")) is TinyNet
+
+
+def test_a_model_that_exits_while_it_runs_is_exit_2(tmp_path):
+    from tests.models import ExitsNet
+
+    torch.save(randomize_bn(ExitsNet()).eval(), tmp_path / "m.pt")
+    result = runner.invoke(app, [str(tmp_path / "m.pt"), "-o", str(tmp_path / "f.pt"), "--allow", "tests",
+                                 "--input-shape", "1,3,16,16"], env={"CONVFUSE_DEBUG": None})
+    assert result.exit_code == 2, result.output
+    assert "sys.exit(0)" in result.stderr
+    assert not (tmp_path / "f.pt").exists()
 
 
 # -- 3. imports made to classify a name --------------------------------------------------

@@ -138,6 +138,7 @@ _SYMPY_CORE = frozenset((
     "LessThan", "GreaterThan", "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair",
     "BooleanTrue", "BooleanFalse", "Tuple",
 ))
+_SYMBOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _ASSUMPTIONS = frozenset((
     "positive", "negative", "nonpositive", "nonnegative", "integer", "real", "finite", "infinite", "zero",
     "nonzero", "even", "odd", "rational", "commutative", "prime", "composite",
@@ -223,12 +224,19 @@ def _vet_program(record: str, document: Any) -> None:
             pending.extend(value)
 
 
+_OPERATOR = re.compile(r"torch\.ops\.(aten|prims)\.([a-z][A-Za-z0-9_]*|_[a-z][A-Za-z0-9_]*)\.([A-Za-z][A-Za-z0-9_]*)")
+
+
 def _vet_target(record: str, target: str) -> None:
-    if target.startswith(("torch.ops.aten.", "torch.ops.prims.")):
-        parts = target.split(".")
-        if len(parts) >= 4 and parts[3] not in _IO_OPERATORS:
+    operator = _OPERATOR.fullmatch(target)
+    if operator is not None:
+        namespace, name, overload = operator.groups()
+        if name in _IO_OPERATORS:
+            raise Refused(f"its {record} calls {target}, which reads or writes files")
+        packet = getattr(getattr(torch.ops, namespace), name, None)
+        if isinstance(packet, torch._ops.OpOverloadPacket) and overload in packet.overloads():
             return
-        raise Refused(f"its {record} calls {target}, which reads or writes files")
+        raise Refused(f"its {record} calls {target}, which is not a registered operator")
     if target in _HIGHER_ORDER or target in _SYMBOLIC_FUNCTIONS:
         return
     if target.startswith("_operator.") and target.split(".", 1)[1] in _OPERATOR_FUNCTIONS:
@@ -256,16 +264,52 @@ def _vet_expression(record: str, text: Any) -> None:
     except SyntaxError as error:
         raise Refused(f"its {record} holds a symbolic expression that does not parse: {text[:80]!r}") from error
     allowed_calls = _sympy_functions()
+    names = {  # the one place a string may stand: the name of a symbol (sympy parses any other string)
+        id(node.args[0]) for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("Symbol", "Dummy")
+        and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+        and _SYMBOL_NAME.fullmatch(node.args[0].value)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in allowed_calls:
                 raise Refused(f"its {record} holds a symbolic expression calling something else: {text[:80]!r}")
             for keyword in node.keywords:
-                if keyword.arg not in _ASSUMPTIONS or not isinstance(keyword.value, ast.Constant):
+                if keyword.arg not in _ASSUMPTIONS or not (
+                    isinstance(keyword.value, ast.Constant) and isinstance(keyword.value.value, bool)
+                ):
                     raise Refused(f"its {record} holds a symbolic expression with odd arguments: {text[:80]!r}")
-        elif not isinstance(node, (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.UnaryOp, ast.USub,
-                                   ast.UAdd, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv,
-                                   ast.Mod, ast.Pow, ast.keyword)):
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in names or not isinstance(node.value, (int, float, str)):
+                raise Refused(f"its {record} holds a symbolic expression with a {type(node.value).__name__} "
+                              f"where sympy would parse it: {text[:80]!r}")
+        elif not isinstance(node, (ast.Expression, ast.Name, ast.Load, ast.UnaryOp, ast.USub, ast.UAdd, ast.BinOp,
+                                   ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.keyword)):
             raise Refused(f"its {record} holds a symbolic expression that is not plain arithmetic: {text[:80]!r}")
         if isinstance(node, ast.Name) and node.id.startswith("_"):
             raise Refused(f"its {record} holds a symbolic expression naming {node.id}")
+        exponent = _exponent(node)
+        if exponent is not None and not _small_or_symbolic(exponent):
+            raise Refused(f"its {record} holds a power whose evaluation could take any time: {text[:80]!r}")
+
+
+_POWERS = ("Pow", "PowByNatural", "FloatPow")
+
+
+def _exponent(node: ast.AST) -> ast.AST | None:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return node.right
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _POWERS and len(node.args) == 2:
+        return node.args[1]
+    return None
+
+
+def _small_or_symbolic(node: ast.AST) -> bool:
+    """A power's exponent sympy will not blow up on: a small integer literal, or anything holding a
+    symbol (which sympy leaves unevaluated)."""
+    literal = node.args[0] if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Integer" and node.args else node
+    if isinstance(literal, ast.UnaryOp):
+        literal = literal.operand
+    if isinstance(literal, ast.Constant) and isinstance(literal.value, (int, float)):
+        return abs(literal.value) <= 64
+    return any(isinstance(n, ast.Call) and getattr(n.func, "id", "") in ("Symbol", "Dummy") for n in ast.walk(node))

@@ -39,22 +39,53 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme, 
 
 def check_object_graph(root: Any, policy: Policy) -> None:
     """Refused (naming the path) where ``root`` holds something torch or convfuse would act on
-    as code; see the module doc."""
+    as code; see the module doc. Linear in the objects the file built."""
     walker = _Walker(policy)
     walker.walk(root)
     walker.check_tree()
+
+
+class _Path:
+    """Where a value lies, rendered only for an error message (a file may build millions of
+    values, and keys of any size)."""
+
+    __slots__ = ("parent", "key", "attribute")
+
+    def __init__(self, parent: _Path | None, key: Any, attribute: bool) -> None:
+        self.parent, self.key, self.attribute = parent, key, attribute
+
+    def child(self, key: Any) -> _Path:
+        return _Path(self, key, False)
+
+    def attr(self, name: str) -> _Path:
+        return _Path(self, name, True)
+
+    def __str__(self) -> str:
+        steps, node = [], self
+        while node is not None and node.parent is not None:
+            if node.attribute:
+                steps.append(f".{node.key}")
+            else:
+                text = repr(node.key) if isinstance(node.key, (str, bytes, int, float, bool, type(None))) else "..."
+                steps.append(f"[{text[:40]}]")
+            node = node.parent
+        text = "".join(reversed(steps)).lstrip(".")
+        return f"(file){text}" if text.startswith("[") else text or "(model)"
+
+
+_TOP = _Path(None, None, False)
+Item = tuple[Any, _Path, int, bool]  # value, where, depth, inside a module's plain attributes
 
 
 class _Walker:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.seen: set[int] = set()
-        self.roots: list[nn.Module] = []
-        self.attached: list[tuple[str, nn.Module]] = []  # modules met inside a module, outside _modules
+        self.roots: dict[int, nn.Module] = {}
+        self.attached: list[tuple[_Path, nn.Module]] = []  # modules met inside a module, outside _modules
 
     def walk(self, root: Any) -> None:
-        # (value, path, depth, inside a module's plain attributes)
-        pending: list[tuple[Any, str, int, bool]] = [(root, "(file)", 0, False)]
+        pending: list[Item] = [(root, _TOP, 0, False)]
         while pending:
             value, path, depth, inside = pending.pop()
             if depth > MAX_DEPTH:
@@ -64,14 +95,14 @@ class _Walker:
             if isinstance(value, nn.Module):
                 if inside:
                     self.attached.append((path, value))
-                elif id(value) not in {id(r) for r in self.roots}:
-                    self.roots.append(value)
+                else:
+                    self.roots.setdefault(id(value), value)
             if id(value) in self.seen:
                 continue
             self.seen.add(id(value))
             pending.extend(self._children(value, path, depth + 1, inside))
 
-    def _children(self, value: Any, path: str, depth: int, inside: bool) -> list[tuple[Any, str, int, bool]]:
+    def _children(self, value: Any, path: _Path, depth: int, inside: bool) -> list[Item]:
         if isinstance(value, nn.Module):
             return self._module(value, path, depth)
         if isinstance(value, enum.Enum):
@@ -83,15 +114,15 @@ class _Walker:
                 f"{path}: holds the class {value.__module__}.{value.__qualname__} as a value, which installed "
                 "code could call; only torch layer classes (a norm_layer) may be held so"
             )
-        items: list[tuple[Any, str, int, bool]] = []
+        items: list[Item] = []
         if isinstance(value, Mapping):
-            items = [(v, f"{path}[{k!r}]", depth, inside) for k, v in value.items()]
+            items = [(v, path.child(k), depth, inside) for k, v in value.items()]
         elif isinstance(value, (list, tuple, set, frozenset)):
-            items = [(v, f"{path}[{i}]", depth, inside) for i, v in enumerate(value)]
+            items = [(v, path.child(i), depth, inside) for i, v in enumerate(value)]
         if type(value) in (dict, list, tuple, set, frozenset):
             return items
         if isinstance(value, functools.partial):
-            return [(value.args, f"{path}.args", depth, inside), (value.keywords, f"{path}.keywords", depth, inside)]
+            return [(value.args, path.attr("args"), depth, inside), (value.keywords, path.attr("keywords"), depth, inside)]
         admitted = self.policy.admission(value)
         if admitted is not None and admitted.kind is Kind.FUNCTION:
             return []
@@ -106,7 +137,7 @@ class _Walker:
             return items + self._attributes(value, path, depth, inside)
         raise Refused(f"{path}: holds a {type(value).__qualname__} object, which convfuse does not admit")
 
-    def _attributes(self, value: Any, path: str, depth: int, inside: bool) -> list[tuple[Any, str, int, bool]]:
+    def _attributes(self, value: Any, path: _Path, depth: int, inside: bool) -> list[Item]:
         try:
             attributes = object.__getattribute__(value, "__dict__")
         except AttributeError:
@@ -114,21 +145,19 @@ class _Walker:
         cls = type(value)
         for key, item in attributes.items():
             if shadowed(cls, key, item):
-                raise Refused(f"{path}.{key}: an instance attribute replaces the {cls.__qualname__} class's own")
-        return [(item, f"{path}.{key}", depth, inside) for key, item in attributes.items()]
+                raise Refused(f"{path.attr(key)}: an instance attribute replaces the {cls.__qualname__} class's own")
+        return [(item, path.attr(key), depth, inside) for key, item in attributes.items()]
 
-    def _module(self, module: nn.Module, path: str, depth: int) -> list[tuple[Any, str, int, bool]]:
-        name = "(model)" if path == "(file)" else path
-        prefix = "" if path == "(file)" else f"{path}."
+    def _module(self, module: nn.Module, path: _Path, depth: int) -> list[Item]:
         attributes = object.__getattribute__(module, "__dict__")
         cls = type(module)
-        children: list[tuple[Any, str, int, bool]] = []
+        children: list[Item] = []
         for key, value in attributes.items():
-            where = f"{name}.{key}"
+            where = path.attr(key)
             if key in _HOOK_DICTS:
                 if not isinstance(value, dict) or value:
                     raise Refused(
-                        f"{name}: the file sets {key} of this module, which torch would call with "
+                        f"{path}: the file sets {key} of this module, which torch would call with "
                         "arguments chosen by the file"
                     )
             elif key in _HOOK_FLAGS:
@@ -140,7 +169,7 @@ class _Walker:
                 children += self._slots(value, where, depth, torch.Tensor, "buffers")
             elif key == "_modules":
                 for child, module_value in self._slot_items(value, where, nn.Module, "submodules"):
-                    children.append((module_value, f"{prefix}{child}", depth, False))
+                    children.append((module_value, path.attr(child), depth, False))
             elif key == "_non_persistent_buffers_set":
                 if not isinstance(value, set) or not all(isinstance(k, str) for k in value):
                     raise Refused(f"{where}: holds a {type(value).__name__}, not a set of buffer names")
@@ -153,24 +182,24 @@ class _Walker:
                 children.append((value, where, depth, True))
         return children
 
-    def _slot_items(self, value: Any, where: str, expected: type, what: str) -> list[tuple[str, Any]]:
+    def _slot_items(self, value: Any, where: _Path, expected: type, what: str) -> list[tuple[str, Any]]:
         if not isinstance(value, dict):
             raise Refused(f"{where}: holds a {type(value).__name__}, not a dict of {what}")
         items = []
         for key, item in value.items():
             if not isinstance(key, str) or (item is not None and not isinstance(item, expected)):
-                raise Refused(f"{where}[{key!r}]: holds a {type(item).__name__} among the module's {what}")
+                raise Refused(f"{where.child(key)}: holds a {type(item).__name__} among the module's {what}")
             if item is not None:
                 items.append((key, item))
         return items
 
-    def _slots(self, value: Any, where: str, depth: int, expected: type, what: str) -> list[tuple[Any, str, int, bool]]:
-        return [(item, f"{where}[{key!r}]", depth, True) for key, item in self._slot_items(value, where, expected, what)]
+    def _slots(self, value: Any, where: _Path, depth: int, expected: type, what: str) -> list[Item]:
+        return [(item, where.child(key), depth, True) for key, item in self._slot_items(value, where, expected, what)]
 
     def check_tree(self) -> None:
         """Every module met in a module's plain attributes is in some model's module tree."""
         tree: set[int] = set()
-        pending = list(self.roots)
+        pending = list(self.roots.values())
         while pending:
             module = pending.pop()
             if id(module) in tree:
@@ -183,4 +212,3 @@ class _Walker:
                     f"{path}: a {type(module).__qualname__} module kept outside the module tree "
                     "(not a registered submodule), which convfuse could neither check nor rewrite"
                 )
-

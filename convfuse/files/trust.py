@@ -75,7 +75,7 @@ _INERT_TYPES = (
     "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
     "torch.Size", "torch.device",
     # numpy scalars and arrays in training checkpoints (a metric stored as numpy.float64)
-    "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
+    "numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
     "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
 )
 """Standard types (and numpy's array/scalar reconstructors) whose constructors only build data."""
@@ -89,7 +89,8 @@ _REBUILDS = (
 """What ``torch.save`` calls to rebuild tensors, layouts and bytes; each has its arguments checked."""
 
 _TENSOR_TYPES = ("torch.Tensor", "torch._tensor.Tensor", "torch.nn.parameter.Parameter",
-                 "torch.storage.UntypedStorage", "torch.storage.TypedStorage")
+                 "torch.storage.UntypedStorage", "torch.storage.TypedStorage", "numpy.ndarray")
+"""Types a file may name as arguments (of a rebuild, of numpy's ``_reconstruct``), never call."""
 
 PURE_FUNCTIONS = (
     # torchvision's detection heads hold their box similarity; RAFT its hidden-state pass-through
@@ -128,6 +129,24 @@ _STATE_METHODS = (
 )
 """Methods that run on a file's data when it is loaded, copied, saved or freed: a class of an
 allowed package that defines one is not plain data (torch's own modules may: their code is torch's)."""
+
+_STATE_METHODS_READ = {
+    "torch.nn.modules.conv._ConvNd": ("__setstate__",),
+    "torch.nn.modules.activation.Softmax": ("__setstate__",),
+    "torch.nn.modules.activation.Softmin": ("__setstate__",),
+    "torch.nn.modules.activation.LogSoftmax": ("__setstate__",),
+    "torch.nn.modules.activation.MultiheadAttention": ("__setstate__",),
+    "torch.nn.modules.pooling.AvgPool3d": ("__setstate__",),
+    "torch.nn.modules.upsampling.Upsample": ("__setstate__",),
+    "torch.nn.modules.transformer.TransformerEncoderLayer": ("__setstate__",),
+    "torch.nn.modules.transformer.TransformerDecoderLayer": ("__setstate__",),
+    "torch.nn.modules.rnn.RNNBase": ("__setstate__", "__getstate__"),
+}
+"""torch layers whose own ``__setstate__`` the unpickler may call: each was read, and only fills
+defaults of old checkpoints (or, for RNNs, rebuilds the list of weight names) from plain data.
+Any other module class with its own state methods (``torch._dynamo``'s OptimizedModule calls a
+stored callable from ``__setstate__``) is refused: its code would run on the file's state before
+the object graph could be checked."""
 
 _INERT_BASES = (dict, list, set, types.SimpleNamespace)
 _CONSTANT_TYPES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)
@@ -291,11 +310,12 @@ def _check_module_class(full: str, cls: type) -> None:
     for base in cls.__mro__:
         if base is nn.Module:
             break
-        own = [m for m in _STATE_METHODS if m in vars(base)]
-        if own and not base.__module__.split(".")[0] == "torch":
+        name = f"{base.__module__}.{base.__qualname__}"
+        own = [m for m in _STATE_METHODS if m in vars(base) and m not in _STATE_METHODS_READ.get(name, ())]
+        if own:
             raise Refused(
-                f"the file holds a {full}, whose class {base.__module__}.{base.__qualname__} defines "
-                f"{', '.join(own)}, which would run on the file's data"
+                f"the file holds a {full}, whose class {name} defines {', '.join(own)}, which would run on "
+                "the file's state while it is loaded (before anything could check that state)"
             )
 
 

@@ -132,7 +132,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
             _check_rebuild(self.policy, admitted.name, args)
             return func(*args)
         if kind is Kind.INERT:
-            _check_constructor_keys(func, args)
+            _check_inert_call(admitted.name, func, args)
             return func(*args)
         if kind is Kind.PARTIAL:
             if len(args) != 1 or not is_layer_class(args[0]):
@@ -298,8 +298,17 @@ def _dict_state(state: Any, cls: type) -> dict:
     return state
 
 
-def _check_constructor_keys(func: Any, args: tuple) -> None:
-    """The keys an inert constructor would hash: a dict's keys, (key, value) pairs' keys, a set's items."""
+def _check_inert_call(name: str, func: Any, args: tuple) -> None:
+    """Refused where calling an inert type with ``args`` would do more than build a small value:
+    hash a key whose hashing is not built in, or allocate by a size the file chose (``bytearray(2**30)``,
+    a numpy array of any shape)."""
+    short = name.rsplit(".", 1)[1]
+    if short == "bytearray" and not all(isinstance(a, (bytes, str)) for a in args):
+        raise Refused("the file makes a bytearray of a size it chose, not from bytes")
+    if short == "_reconstruct" and not (len(args) == 3 and args[1] == (0,) and isinstance(args[2], bytes)):
+        raise Refused("the file makes a numpy array other than as numpy pickles one (empty, then filled)")
+    if short in ("dtype", "scalar") and not all(isinstance(a, (str, bytes, bool, int)) or _numpy_dtype(a) for a in args):
+        raise Refused(f"the file makes a numpy {short} from something other than its name and bytes")
     hashes_items = func in (set, frozenset, Counter)
     for arg in args:
         if isinstance(arg, dict):
@@ -311,6 +320,12 @@ def _check_constructor_keys(func: Any, args: tuple) -> None:
                     _check_key(item)
                 elif type(item) in (tuple, list) and len(item) == 2:
                     _check_key(item[0])
+
+
+def _numpy_dtype(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "numpy" and type(value).__name__.endswith("DType") or (
+        type(value).__name__ == "dtype" and type(value).__module__ == "numpy"
+    )
 
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype)
