@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -635,11 +637,12 @@ class CallsPartsDirectly(nn.Module):
 def test_pair_called_from_outside_its_traced_part_is_skipped() -> None:
     model = randomize_bn(CallsPartsDirectly()).eval()
     x = torch.randn(2, 3, 8, 8)
-    result = convfuse.fuse(model, x)
-    assert result.report.fused == []
-    assert _skipped(result)["block.bn"].reason == Reason.OUTSIDE_PART
-    unseen = convfuse.fuse(model, x, verify=False)  # the run that shows calls still happens
-    assert _skipped(unseen)["block.bn"].reason == Reason.OUTSIDE_PART
+    for verify in (True, False):
+        result = convfuse.fuse(model, x, verify=verify)
+        assert result.report.fused == []
+        skip = _skipped(result)["block.bn"]
+        assert skip.reason == Reason.REACHED  # read from the code, before anything runs
+        assert skip.detail == "CallsPartsDirectly.forward calls self.block.conv"
 
 
 class TwoInputsUntraceable(nn.Module):
@@ -659,7 +662,31 @@ def test_part_below_untraceable_code_without_inputs_is_skipped() -> None:
     model = randomize_bn(TwoInputsUntraceable()).eval()
     result = convfuse.fuse(model, convfuse.InputSpec(), verify=False)  # nothing can be run
     assert result.report.fused == []
-    assert _skipped(result)["block.bn"].reason == Reason.UNOBSERVED
+    skip = _skipped(result)["block.bn"]
+    assert (skip.reason, skip.detail) == (Reason.REACHED, "TwoInputsUntraceable.forward calls self.block.bn")
+
+
+class ByName(nn.Module):
+    """Untraceable code that takes its child's layers by name, through a function of another
+    package: reading the code cannot see which modules the strings name; the real run can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBN(3, 8)
+
+    def forward(self, x, z):
+        if x.sum() > -1e9:
+            conv, bn = operator.attrgetter("block.conv", "block.bn")(self)
+            return bn(conv(x) + 1.0), z
+        return self.block(x), z
+
+
+def test_calls_the_code_does_not_show_are_caught_by_the_real_run() -> None:
+    model = randomize_bn(ByName()).eval()
+    result = convfuse.fuse(model, (torch.randn(2, 3, 8, 8), torch.randn(2)))
+    assert _skipped(result)["block.bn"].reason == Reason.OUTSIDE_PART
+    unseen = convfuse.fuse(model, convfuse.InputSpec(), verify=False)  # two inputs: nothing can be run
+    assert _skipped(unseen)["block.bn"].reason == Reason.UNOBSERVED
 
 
 class InspectsItsChild(nn.Module):
