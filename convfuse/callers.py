@@ -73,7 +73,10 @@ class CodeUse:
     uses: dict[tuple[str, str, bool], Use] = field(default_factory=dict)
 
     def add(self, use: Use) -> None:
-        self.uses.setdefault((use.module, use.kind, use.subtree), use)
+        key = (use.module, use.kind, use.subtree)
+        known = self.uses.get(key)
+        if known is None or (use.code, use.how) < (known.code, known.how):  # the same whatever order code is read in
+            self.uses[key] = use
 
     def calls_below(self, name: str) -> bool:
         """Whether some module strictly below ``name`` is called (or used) by code read so far."""
@@ -82,6 +85,9 @@ class CodeUse:
 
     def called(self, name: str) -> bool:
         return (name, CALL, True) in self.uses
+
+
+_KIND_ORDER = (CALL, READ, REACH, UNREADABLE)
 
 
 def _at_or_under(name: str, above: str) -> bool:
@@ -95,17 +101,20 @@ def first_reach(uses: CodeUse | None, names: Iterable[str], part: str) -> Use | 
     if uses is None:
         return None
     names = list(names)
+    found = []
     for use in uses.uses.values():
         if use.kind == CALL:
             inside = use.module != part and _at_or_under(use.module, part)
-            if inside and any(_at_or_under(n, use.module) for n in names):
-                return use
+            hit = inside and any(_at_or_under(n, use.module) for n in names)
         elif use.kind == UNREADABLE:
-            if any(_at_or_under(n, use.module) for n in names):
-                return use
-        elif any(n == use.module or (use.subtree and _at_or_under(n, use.module)) for n in names):
-            return use
-    return None
+            hit = any(_at_or_under(n, use.module) for n in names)
+        else:
+            hit = any(n == use.module or (use.subtree and _at_or_under(n, use.module)) for n in names)
+        if hit:
+            found.append(use)
+    # the most specific first (a call, then a read, ...), then by name: the same on every run
+    return min(found, key=lambda u: (_KIND_ORDER.index(u.kind), -u.module.count("."), u.module, u.code, u.how),
+               default=None)
 
 
 # -- abstract values ----------------------------------------------------------------------------
@@ -1143,7 +1152,7 @@ class Reader:
                     frame: _Frame) -> frozenset:
         every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
         if isinstance(callee, Mods):
-            for name in callee.names:
+            for name in sorted(callee.names):
                 self._use(name, frame, f"calls {self._show(name, frame)}")
             self._consume(every, frame, "passes")
             return _DATA
@@ -1303,8 +1312,11 @@ class Reader:
             self._consume(every, frame, "passes")
             return _one(Mods(names))
         verb = name.removeprefix("container.")
-        for n in names:  # every other nn.Module method sees inside: apply, train, register_*, ...
-            self._reach(n, frame, f"calls {self._show(n, frame)}.{verb}()", True)
+        for n in sorted(names):  # every other nn.Module method sees inside: apply, train, register_*, ...
+            if verb == "<named at run time>":
+                self._reach(n, frame, f"calls a method of {self._show(n, frame)} named at run time", True)
+            else:
+                self._reach(n, frame, f"calls {self._show(n, frame)}.{verb}()", True)
         for value in every:
             if isinstance(value, (Bound, Nested, ModuleMethod)):  # apply(fn): fn runs on each module
                 self._call_value(value, [below], {}, node, frame)
@@ -1660,7 +1672,11 @@ def _dynamic_attribute(reader: Reader, owners: frozenset, prefix: str, frame: _F
                 for klass in type(module).__mro__:
                     candidates.update(vars(klass))
                 for attr in sorted(candidates):
-                    if attr.startswith(prefix) and attr not in _BOOKKEEPING and not attr.startswith("__"):
+                    if not attr.startswith(prefix) or attr in _BOOKKEEPING or attr.startswith("__"):
+                        continue
+                    if _defined_on(type(module), attr) is nn.Module and attr not in module.__dict__:
+                        result.add(ModuleMethod("<named at run time>", frozenset({name})))
+                    else:
                         result |= reader._module_attribute(name, attr, frame)
         elif isinstance(owner, Known):
             result.add(DATA)

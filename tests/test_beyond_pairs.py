@@ -339,3 +339,55 @@ class LinearNorm(nn.Module):
 def test_uses_that_only_read_the_shape_do_not_block_the_fold() -> None:
     result = _fuse(LinearNorm(), torch.randn(2, 7, 6))
     assert [p.kind for p in result.report.fused] == ["Linear+reshape+BatchNorm1d"]
+
+
+# -- issue 14: hooks on a no-op module inside a sum or a concatenation ----------------------------
+
+
+def _doubling_hook(module, args, output):
+    return output * 2 + 1
+
+
+class HookedTermSum(nn.Module):
+    """bn(mid(conv_a(x)) + conv_b(x)) with ``mid`` a no-op module that the test hooks."""
+
+    def __init__(self, mid: nn.Module) -> None:
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.mid, self.bn = mid, nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.mid(self.conv_a(x)) + self.conv_b(x))
+
+
+class HookedPartConcat(nn.Module):
+    """bn(cat([mid(conv_a(x)), conv_b(x)], 1)) with ``mid`` a no-op module that the test hooks."""
+
+    def __init__(self, mid: nn.Module) -> None:
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.mid, self.bn = mid, nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.mid(self.conv_a(x)), self.conv_b(x)], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mid", [nn.Identity, lambda: nn.Dropout(0.5)], ids=["identity", "dropout"])
+@pytest.mark.parametrize("cls", [HookedTermSum, HookedPartConcat], ids=["sum", "concat"])
+def test_hooked_no_op_inside_a_sum_or_concat_is_skipped(cls, mid, dtype: torch.dtype) -> None:
+    model = randomize_bn(cls(mid())).eval().to(dtype)
+    model.mid.register_forward_hook(_doubling_hook)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    result = convfuse.fuse(model, x)
+    skip = {s.norm: s for s in result.report.skipped}["bn"]
+    assert skip.reason == Reason.HOOKS_BETWEEN
+    assert set(skip.producer.replace(",", " +").split(" + ")) == {"conv_a", "conv_b"}
+    assert "bn" in norm_names(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)  # nothing changed
+
+
+def test_unhooked_no_op_inside_a_sum_still_folds() -> None:
+    result = _fuse(HookedTermSum(nn.Identity()), torch.randn(2, 3, 8, 8))
+    assert [p.norm for p in result.report.fused] == ["bn"]
