@@ -29,6 +29,8 @@ import importlib.util
 import inspect
 import linecache
 import sys
+import textwrap
+import tokenize
 import types
 import weakref
 from collections.abc import Iterable, Iterator
@@ -451,10 +453,11 @@ class Reader:
         self.own = {_top_package(type(m).__module__) for m in self.modules.values()} - {"torch", "builtins"}
         self.uses = CodeUse()
         self._aliases: dict[tuple[str, str], frozenset] = {}  # self.x = ... stored on a module by code
+        self._version = 0  # changes with the aliases: what was read before may read differently now
         self._memo: dict[tuple, frozenset] = {}
         self._active: set[tuple] = set()
         self._read = 0
-        self._files: dict[str, ast.Module | None] = {}
+        self._files: dict[str, dict[tuple[str, int], list[ast.AST]]] = {}
         self._holds: dict[int, bool] = {}
 
     # -- entry points -----------------------------------------------------------------------
@@ -466,11 +469,10 @@ class Reader:
         where = f"{type(module).__qualname__}.forward"
         try:
             for _ in range(_MAX_PASSES):  # again while code stores modules on modules
-                aliases = dict(self._aliases)
-                self._memo.clear()
+                version = self._version
                 self._call_function(Known(forward), _one(Mods(frozenset({name}))), [_DATA] * 8, {}, None,
                                     entry=True)
-                if aliases == self._aliases:
+                if version == self._version:
                     break
         except _TooMuch:
             self._unreadable(name, where, "is more code than convfuse reads")
@@ -489,28 +491,40 @@ class Reader:
         code = getattr(func, "__code__", None)
         if code is None:
             return None
+        lines = linecache.getlines(code.co_filename, getattr(func, "__globals__", None))
+        if code.co_name != "<lambda>" and 0 < code.co_firstlineno <= len(lines):
+            # the function's own lines only: parsing whole files costs more than reading them
+            try:
+                block = inspect.getblock(lines[code.co_firstlineno - 1:])
+                tree = ast.parse(textwrap.dedent("".join(block)))
+            except (SyntaxError, ValueError, IndentationError, tokenize.TokenError):
+                tree = None
+            if tree is not None and tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if tree.body[0].name == code.co_name:
+                    return tree.body[0]
         filename = code.co_filename
         if filename not in self._files:
-            lines = linecache.getlines(filename, getattr(func, "__globals__", None))
-            try:
-                self._files[filename] = ast.parse("".join(lines)) if lines else None
-            except (SyntaxError, ValueError):
-                self._files[filename] = None
-        tree = self._files[filename]
-        if tree is None:
-            return None
-        first = code.co_firstlineno
-        found = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == code.co_name:
-                lines = [node.lineno, *(d.lineno for d in node.decorator_list)]
-                if first in lines:
-                    found.append(node)
-            elif isinstance(node, ast.Lambda) and code.co_name == "<lambda>" and node.lineno == first:
-                found.append(node)
-        if len(found) == 1:
-            return found[0]
-        return None  # not in the file as it is now, or ambiguous (two lambdas on one line)
+            self._files[filename] = self._index_file(filename, getattr(func, "__globals__", None))
+        found = self._files[filename].get((code.co_name, code.co_firstlineno), [])
+        # one match, or none: not in the file as it is now, or ambiguous (two lambdas on one line)
+        return found[0] if len(found) == 1 else None
+
+    @staticmethod
+    def _index_file(filename: str, module_globals: dict | None) -> dict[tuple[str, int], list[ast.AST]]:
+        """Every function and lambda of a source file, by (name, first line) as its code records."""
+        lines = linecache.getlines(filename, module_globals)
+        try:
+            tree = ast.parse("".join(lines)) if lines else None
+        except (SyntaxError, ValueError):
+            tree = None
+        index: dict[tuple[str, int], list[ast.AST]] = {}
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for line in {node.lineno, *(d.lineno for d in node.decorator_list)}:
+                    index.setdefault((node.name, line), []).append(node)
+            elif isinstance(node, ast.Lambda):
+                index.setdefault(("<lambda>", node.lineno), []).append(node)
+        return index
 
     # -- functions ---------------------------------------------------------------------------
 
@@ -530,7 +544,7 @@ class Reader:
         kwargs = {k: _bounded(v) for k, v in kwargs.items()}
         self_values = _bounded(self_values) if self_values is not None else None
         positional = ([self_values] if self_values is not None else []) + list(args)
-        key = (id(obj), tuple(positional), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        key = (self._version, id(obj), tuple(positional), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key in self._memo:
             return self._memo[key]
         if key in self._active:  # recursion: its uses are recorded by the outer reading
@@ -769,7 +783,11 @@ class Reader:
                     if attr in self.modules[name]._parameters or attr in self.modules[name]._buffers:
                         self._reach(name, frame, f"assigns {self._show(name, frame)}.{attr}", False)
                     key = (name, attr)
-                    self._aliases[key] = self._aliases.get(key, _EMPTY) | _bounded(values)
+                    old = self._aliases.get(key, _EMPTY)
+                    new = old | _bounded(values)
+                    if new != old:
+                        self._aliases[key] = new
+                        self._version += 1
             else:  # kept on an object this reader does not follow: anything may use it later
                 self._consume(values, frame, "stores", reach=True)
 
@@ -1193,7 +1211,8 @@ class Reader:
                      frame: _Frame) -> frozenset:
         args = [_bounded(a) for a in args]
         kwargs = {k: _bounded(v) for k, v in kwargs.items()}
-        key = (id(callee.node), id(callee.scope), tuple(args), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        key = (self._version, id(callee.node), id(callee.scope), tuple(args),
+               tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key in self._memo:
             return self._memo[key]
         if key in self._active:
