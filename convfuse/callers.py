@@ -33,15 +33,37 @@ import textwrap
 import tokenize
 import types
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CALL", "READ", "REACH", "UNREADABLE", "CodeUse", "Reader", "Use", "first_reach", "held_objects",
-           "module_contents"]
+from convfuse.code_values import (
+    DATA,
+    NOTHING,
+    ONLY_DATA,
+    Bound,
+    Children,
+    External,
+    Instance,
+    Known,
+    Method,
+    Mods,
+    ModuleMethod,
+    Nested,
+    Seq,
+    Super,
+    Tensors,
+    Tup,
+    bounded,
+    leaves,
+    one,
+)
+from convfuse.held import BOOKKEEPING, held_objects
+
+__all__ = ["CALL", "REACH", "READ", "UNREADABLE", "CodeUse", "Reader", "Use", "first_reach"]
 
 CALL = "call"
 REACH = "reach"
@@ -119,181 +141,6 @@ def first_reach(uses: CodeUse | None, names: Iterable[str], part: str) -> Use | 
                default=None)
 
 
-# -- abstract values ----------------------------------------------------------------------------
-#
-# An expression evaluates to a frozenset of these: everything it may be. DATA stands for any value
-# that holds none of the model's modules (an activation, a number, an object not followed).
-
-
-class _Data:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "DATA"
-
-
-DATA = _Data()
-
-
-@dataclass(frozen=True)
-class Mods:
-    """One of these modules of the model (qualified names)."""
-
-    names: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Tensors:
-    """Parameters or buffers of these modules (``subtree``: or of the modules below them)."""
-
-    names: frozenset[str]
-    subtree: bool
-    attr: str = ""  # the attribute it was read as (``weight``), for reports
-
-
-@dataclass(frozen=True)
-class Seq:
-    """A collection (list, iterator, generator, dict) whose items may be any of ``items``."""
-
-    items: frozenset
-
-
-@dataclass(frozen=True)
-class Tup:
-    """A tuple or list display whose items are known position by position."""
-
-    items: tuple[frozenset, ...]
-
-
-@dataclass(frozen=True)
-class Children:
-    """``module._modules``: the children of a module, by name."""
-
-    name: str
-
-
-class Known:
-    """A concrete Python object (function, class, Python module, plain object), by identity."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Known) and other.obj is self.obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """A Python function bound to ``self_values`` (a method)."""
-
-    func: Known
-    self_values: frozenset
-
-
-@dataclass(frozen=True)
-class ModuleMethod:
-    """A method of nn.Module itself (``parameters``, ``modules``, ``apply``, ...) on these modules."""
-
-    name: str
-    names: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A method of a value this reader models itself (a tensor's metadata, a list's ``append``)."""
-
-    name: str
-    receiver: frozenset
-    target: ast.expr | None = None  # the receiver's expression, for mutations (``items.append(m)``)
-
-
-@dataclass(frozen=True)
-class Instance:
-    """An object of a class of the model's own code, created by the code being read."""
-
-    cls: Known
-
-
-@dataclass(frozen=True)
-class Nested:
-    """A function or lambda defined inside the code being read (it sees that code's names)."""
-
-    node: ast.AST
-    scope: _Scope
-    func: Known  # the function whose code defines it (globals, display name)
-    self_values: frozenset
-    defining: type | None
-
-
-@dataclass(frozen=True)
-class Super:
-    """``super()``: the methods after ``after`` in the MRO of ``self_values``' class."""
-
-    self_values: frozenset
-    after: Known
-
-
-@dataclass(frozen=True)
-class External:
-    """A name imported by the code being read that is not loaded (nothing is imported here)."""
-
-    name: str
-
-
-def _one(value: Any) -> frozenset:
-    return frozenset((value,))
-
-
-_MAX_DEPTH = 3  # containers nested deeper than this are read as one flat collection
-_MAX_TUPLE = 16
-
-
-def _leaves(value: Any, out: set) -> None:
-    if isinstance(value, Seq):
-        for item in value.items:
-            _leaves(item, out)
-    elif isinstance(value, Tup):
-        for position in value.items:
-            for item in position:
-                _leaves(item, out)
-    else:
-        out.add(value)
-
-
-def _bounded(values: frozenset, depth: int = 0) -> frozenset:
-    """``values`` with containers nested at most ``_MAX_DEPTH`` deep: code that keeps putting a
-    list into itself (``y.append(y[i])``) would otherwise grow values on every pass."""
-    if all(not isinstance(v, (Seq, Tup)) for v in values):
-        return values
-    result: set = set()
-    for value in values:
-        if isinstance(value, Seq):
-            if depth >= _MAX_DEPTH:
-                leaves: set = set()
-                _leaves(value, leaves)
-                result.add(Seq(frozenset(leaves)))
-            else:
-                result.add(Seq(_bounded(value.items, depth + 1)))
-        elif isinstance(value, Tup):
-            if depth >= _MAX_DEPTH or len(value.items) > _MAX_TUPLE:
-                leaves = set()
-                _leaves(value, leaves)
-                result.add(Seq(frozenset(leaves)))
-            else:
-                result.add(Tup(tuple(_bounded(item, depth + 1) for item in value.items)))
-        else:
-            result.add(value)
-    return frozenset(result)
-
-
-_DATA = _one(DATA)
-_EMPTY: frozenset = frozenset()
-
 _TENSOR_METADATA = frozenset({
     "shape", "dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "is_meta",
     "requires_grad", "layout", "names", "itemsize", "nbytes", "T", "mT", "H", "mH",
@@ -328,7 +175,7 @@ class _TooMuch(Exception):
 class _Scope:
     """The names of one function being read; unknown names are looked up in ``parent``."""
 
-    __slots__ = ("locals", "values", "parent")
+    __slots__ = ("locals", "parent", "values")
 
     def __init__(self, local_names: set[str], parent: _Scope | None) -> None:
         self.locals = local_names
@@ -336,15 +183,15 @@ class _Scope:
         self.parent = parent
 
     def bind(self, name: str, values: frozenset) -> None:
-        old = self.values.get(name, _EMPTY)
+        old = self.values.get(name, NOTHING)
         if not values <= old:
-            self.values[name] = old | _bounded(values)
+            self.values[name] = old | bounded(values)
 
     def lookup(self, name: str) -> frozenset | None:
         scope: _Scope | None = self
         while scope is not None:
             if name in scope.locals:
-                return scope.values.get(name, _EMPTY)
+                return scope.values.get(name, NOTHING)
             scope = scope.parent
         return None
 
@@ -391,9 +238,7 @@ def _local_names(node: ast.AST) -> set[str]:
             continue
         elif isinstance(item, (ast.Import, ast.ImportFrom)):
             names.update((a.asname or a.name).split(".")[0] for a in item.names if a.name != "*")
-        elif isinstance(item, ast.ExceptHandler) and item.name:
-            names.add(item.name)
-        elif isinstance(item, (ast.MatchAs, ast.MatchStar)) and item.name:
+        elif isinstance(item, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and item.name:
             names.add(item.name)
         elif isinstance(item, ast.MatchMapping) and item.rest:
             names.add(item.rest)
@@ -470,7 +315,7 @@ class Reader:
         try:
             for _ in range(_MAX_PASSES):  # again while code stores modules on modules
                 version = self._version
-                self._call_function(Known(forward), _one(Mods(frozenset({name}))), [_DATA] * 8, {}, None,
+                self._call_function(Known(forward), one(Mods(frozenset({name}))), [ONLY_DATA] * 8, {}, None,
                                     entry=True)
                 if version == self._version:
                     break
@@ -478,7 +323,7 @@ class Reader:
             self._unreadable(name, where, "is more code than convfuse reads")
         except RecursionError:
             self._unreadable(name, where, "nests too deeply to be read")
-        except Exception as error:  # a reader bug must not fold anything it did not understand
+        except Exception as error:  # noqa: BLE001 - a reader bug must not fold anything it did not understand
             self._unreadable(name, where, f"could not be read ({type(error).__name__}: {error})")
 
     def _unreadable(self, name: str, code: str, why: str) -> None:
@@ -499,9 +344,9 @@ class Reader:
                 tree = ast.parse(textwrap.dedent("".join(block)))
             except (SyntaxError, ValueError, IndentationError, tokenize.TokenError):
                 tree = None
-            if tree is not None and tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if tree.body[0].name == code.co_name:
-                    return tree.body[0]
+            first = tree.body[0] if tree is not None and tree.body else None
+            if isinstance(first, (ast.FunctionDef, ast.AsyncFunctionDef)) and first.name == code.co_name:
+                return first
         filename = code.co_filename
         if filename not in self._files:
             self._files[filename] = self._index_file(filename, getattr(func, "__globals__", None))
@@ -540,15 +385,15 @@ class Reader:
     ) -> frozenset:
         """Read ``func`` called with these values; the values it returns."""
         obj = inspect.unwrap(func.obj) if callable(func.obj) else func.obj
-        args = [_bounded(a) for a in args]
-        kwargs = {k: _bounded(v) for k, v in kwargs.items()}
-        self_values = _bounded(self_values) if self_values is not None else None
+        args = [bounded(a) for a in args]
+        kwargs = {k: bounded(v) for k, v in kwargs.items()}
+        self_values = bounded(self_values) if self_values is not None else None
         positional = ([self_values] if self_values is not None else []) + list(args)
         key = (self._version, id(obj), tuple(positional), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key in self._memo:
             return self._memo[key]
         if key in self._active:  # recursion: its uses are recorded by the outer reading
-            return _DATA
+            return ONLY_DATA
         node = self._function_node(obj)
         where = caller.code if caller is not None else getattr(obj, "__qualname__", "?")
         if node is None:
@@ -556,13 +401,13 @@ class Reader:
             self._unreadable_values(positional + list(kwargs.values()), where,
                                     f"calls {name}, whose source cannot be read" if not entry
                                     else "has no source to read")
-            return _DATA
+            return ONLY_DATA
         self._read += 1
         if self._read > _MAX_FUNCTIONS:
             raise _TooMuch
         self._active.add(key)
         try:
-            result = self._run(node, Known(obj), positional, kwargs, None, self_values or _DATA,
+            result = self._run(node, Known(obj), positional, kwargs, None, self_values or ONLY_DATA,
                                self._defining_class(obj, self_values))
         finally:
             self._active.discard(key)
@@ -603,14 +448,14 @@ class Reader:
         for _ in range(_MAX_PASSES):
             before = (scope.size(), len(frame.returns), len(frame.yields), len(self.uses.uses))
             if body is None:
-                frame.returns.update(_bounded(self._ev(node.body, frame)))
+                frame.returns.update(bounded(self._ev(node.body, frame)))
             else:
                 self._block(body, frame)
             if before == (scope.size(), len(frame.returns), len(frame.yields), len(self.uses.uses)):
                 break
-        result = frozenset(frame.returns) or _DATA
+        result = frozenset(frame.returns) or ONLY_DATA
         if frame.yields or (body is not None and _is_generator(node)):
-            result = result | _one(Seq(frozenset(frame.yields) or _DATA))
+            result = result | one(Seq(frozenset(frame.yields) or ONLY_DATA))
         return result
 
     def _bind_arguments(self, args: ast.arguments, positional: list[frozenset], kwargs: dict[str, frozenset],
@@ -629,10 +474,10 @@ class Reader:
             else:
                 extra |= value
         for param in (*params, *args.kwonlyargs):
-            frame.scope.bind(param.arg, _DATA if param.arg not in frame.scope.values else _EMPTY)
+            frame.scope.bind(param.arg, ONLY_DATA if param.arg not in frame.scope.values else NOTHING)
         for param in (args.vararg, args.kwarg):
             if param is not None:
-                frame.scope.bind(param.arg, _one(Seq(frozenset(extra) or _DATA)) | _DATA)
+                frame.scope.bind(param.arg, one(Seq(frozenset(extra) or ONLY_DATA)) | ONLY_DATA)
         if not args.vararg and not args.kwarg and extra:
             self._consume(frozenset(extra), frame, "passes")
 
@@ -656,21 +501,17 @@ class Reader:
             values = self._ev(stmt.value, frame)
             if isinstance(stmt.op, ast.Add):  # list += [...] keeps the items
                 old = self._ev(stmt.target, frame)
-                self._assign(stmt.target, old | values | _one(Seq(self._items(values, frame))), frame)
+                self._assign(stmt.target, old | values | one(Seq(self._items(values, frame))), frame)
             else:
                 self._consume(values | self._ev(stmt.target, frame), frame, "strict")
-                self._assign(stmt.target, _DATA, frame)
+                self._assign(stmt.target, ONLY_DATA, frame)
         elif isinstance(stmt, ast.Return):
-            frame.returns.update(_bounded(self._ev(stmt.value, frame)) if stmt.value is not None else _DATA)
+            frame.returns.update(bounded(self._ev(stmt.value, frame)) if stmt.value is not None else ONLY_DATA)
         elif isinstance(stmt, (ast.For, ast.AsyncFor)):
             self._assign(stmt.target, self._items(self._ev(stmt.iter, frame), frame), frame)
             self._block(stmt.body, frame)
             self._block(stmt.orelse, frame)
-        elif isinstance(stmt, ast.While):
-            self._consume(self._ev(stmt.test, frame), frame, "truth")
-            self._block(stmt.body, frame)
-            self._block(stmt.orelse, frame)
-        elif isinstance(stmt, ast.If):
+        elif isinstance(stmt, (ast.While, ast.If)):
             self._consume(self._ev(stmt.test, frame), frame, "truth")
             self._block(stmt.body, frame)
             self._block(stmt.orelse, frame)
@@ -678,7 +519,7 @@ class Reader:
             for item in stmt.items:
                 self._ev(item.context_expr, frame)
                 if item.optional_vars is not None:
-                    self._assign(item.optional_vars, _DATA, frame)
+                    self._assign(item.optional_vars, ONLY_DATA, frame)
             self._block(stmt.body, frame)
         elif isinstance(stmt, ast.Try) or type(stmt).__name__ == "TryStar":
             self._block(stmt.body, frame)
@@ -686,7 +527,7 @@ class Reader:
                 if handler.type is not None:
                     self._ev(handler.type, frame)
                 if handler.name:
-                    frame.scope.bind(handler.name, _DATA)
+                    frame.scope.bind(handler.name, ONLY_DATA)
                 self._block(handler.body, frame)
             self._block(stmt.orelse, frame)
             self._block(stmt.finalbody, frame)
@@ -707,9 +548,9 @@ class Reader:
         elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for decorator in stmt.decorator_list:
                 self._ev(decorator, frame)
-            frame.scope.bind(stmt.name, _one(Nested(stmt, frame.scope, frame.func, frame.self_values, frame.defining)))
+            frame.scope.bind(stmt.name, one(Nested(stmt, frame.scope, frame.func, frame.self_values, frame.defining)))
         elif isinstance(stmt, ast.ClassDef):
-            frame.scope.bind(stmt.name, _DATA)
+            frame.scope.bind(stmt.name, ONLY_DATA)
         elif isinstance(stmt, ast.Match):
             subject = self._ev(stmt.subject, frame)
             captured = subject | self._items(subject, frame)
@@ -736,7 +577,7 @@ class Reader:
                 bound = alias.asname or alias.name.split(".")[0]
                 target = alias.name if alias.asname else alias.name.split(".")[0]
                 loaded = sys.modules.get(target)
-                frame.scope.bind(bound, _one(Known(loaded)) if loaded is not None else _one(External(target)))
+                frame.scope.bind(bound, one(Known(loaded)) if loaded is not None else one(External(target)))
                 continue
             try:
                 base = importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), package) \
@@ -748,9 +589,9 @@ class Reader:
             if loaded is not None and hasattr(loaded, alias.name):
                 frame.scope.bind(bound, self._lift(getattr(loaded, alias.name)))
             elif f"{base}.{alias.name}" in sys.modules:
-                frame.scope.bind(bound, _one(Known(sys.modules[f"{base}.{alias.name}"])))
+                frame.scope.bind(bound, one(Known(sys.modules[f"{base}.{alias.name}"])))
             else:
-                frame.scope.bind(bound, _one(External(f"{base}.{alias.name}")))
+                frame.scope.bind(bound, one(External(f"{base}.{alias.name}")))
 
     def _assign(self, target: ast.expr, values: frozenset, frame: _Frame) -> None:
         if isinstance(target, ast.Name):
@@ -759,17 +600,17 @@ class Reader:
             count = len(target.elts)
             for index, element in enumerate(target.elts):
                 if isinstance(element, ast.Starred):
-                    self._assign(element.value, _one(Seq(self._items(values, frame))), frame)
+                    self._assign(element.value, one(Seq(self._items(values, frame))), frame)
                     continue
                 parts: set = set()
                 for value in values:
                     if isinstance(value, Tup) and len(value.items) == count:
                         parts |= value.items[index]
                     else:
-                        parts |= self._items(_one(value), frame)
-                self._assign(element, frozenset(parts) or _DATA, frame)
+                        parts |= self._items(one(value), frame)
+                self._assign(element, frozenset(parts) or ONLY_DATA, frame)
         elif isinstance(target, ast.Starred):
-            self._assign(target.value, _one(Seq(self._items(values, frame))), frame)
+            self._assign(target.value, one(Seq(self._items(values, frame))), frame)
         elif isinstance(target, ast.Attribute):
             self._store_attribute(self._ev(target.value, frame), target.attr, values, frame)
         elif isinstance(target, ast.Subscript):
@@ -783,8 +624,8 @@ class Reader:
                     if attr in self.modules[name]._parameters or attr in self.modules[name]._buffers:
                         self._reach(name, frame, f"assigns {self._show(name, frame)}.{attr}", False)
                     key = (name, attr)
-                    old = self._aliases.get(key, _EMPTY)
-                    new = old | _bounded(values)
+                    old = self._aliases.get(key, NOTHING)
+                    new = old | bounded(values)
                     if new != old:
                         self._aliases[key] = new
                         self._version += 1
@@ -793,7 +634,7 @@ class Reader:
 
     def _store_item(self, container: ast.expr, values: frozenset, frame: _Frame) -> None:
         """``items[k] = v`` or ``items.append(v)``: the container now also holds ``values``."""
-        added = _one(Seq(values))
+        added = one(Seq(values))
         if isinstance(container, ast.Name):
             frame.scope.bind(container.id, added)
             return
@@ -811,7 +652,7 @@ class Reader:
 
     def _ev(self, node: ast.expr, frame: _Frame) -> frozenset:
         if isinstance(node, ast.Constant):
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.Name):
             return self._name(node.id, frame)
         if isinstance(node, ast.Attribute):
@@ -823,9 +664,9 @@ class Reader:
         if isinstance(node, ast.Compare):
             for operand in (node.left, *node.comparators):
                 self._consume(self._ev(operand, frame), frame, "compare")
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.BoolOp):
-            values: frozenset = _EMPTY
+            values: frozenset = NOTHING
             for operand in node.values:
                 value = self._ev(operand, frame)
                 self._consume(value, frame, "truth")
@@ -833,40 +674,40 @@ class Reader:
             return values
         if isinstance(node, ast.UnaryOp):
             self._consume(self._ev(node.operand, frame), frame, "truth" if isinstance(node.op, ast.Not) else "strict")
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.BinOp):
             self._consume(self._ev(node.left, frame) | self._ev(node.right, frame), frame, "strict")
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.IfExp):
             self._consume(self._ev(node.test, frame), frame, "truth")
             return self._ev(node.body, frame) | self._ev(node.orelse, frame)
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             if any(isinstance(e, ast.Starred) for e in node.elts):
-                items: frozenset = _EMPTY
+                items: frozenset = NOTHING
                 for element in node.elts:
                     value = self._ev(element.value if isinstance(element, ast.Starred) else element, frame)
                     items |= self._items(value, frame) if isinstance(element, ast.Starred) else value
-                return _one(Seq(items or _DATA))
-            return _one(Tup(tuple(self._ev(e, frame) for e in node.elts)))
+                return one(Seq(items or ONLY_DATA))
+            return one(Tup(tuple(self._ev(e, frame) for e in node.elts)))
         if isinstance(node, ast.Dict):
-            items = _EMPTY
+            items = NOTHING
             for key, value in zip(node.keys, node.values):
                 if key is not None:
                     items |= self._ev(key, frame)
                     items |= self._ev(value, frame)
                 else:  # {**other}
                     items |= self._items(self._ev(value, frame), frame)
-            return _one(Seq(items or _DATA))
+            return one(Seq(items or ONLY_DATA))
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
             for generator in node.generators:
                 self._assign(generator.target, self._items(self._ev(generator.iter, frame), frame), frame)
                 for condition in generator.ifs:
                     self._consume(self._ev(condition, frame), frame, "truth")
             if isinstance(node, ast.DictComp):
-                return _one(Seq(self._ev(node.key, frame) | self._ev(node.value, frame)))
-            return _one(Seq(self._ev(node.elt, frame)))
+                return one(Seq(self._ev(node.key, frame) | self._ev(node.value, frame)))
+            return one(Seq(self._ev(node.elt, frame)))
         if isinstance(node, ast.Lambda):
-            return _one(Nested(node, frame.scope, frame.func, frame.self_values, frame.defining))
+            return one(Nested(node, frame.scope, frame.func, frame.self_values, frame.defining))
         if isinstance(node, ast.NamedExpr):
             values = self._ev(node.value, frame)
             self._assign(node.target, values, frame)
@@ -874,32 +715,32 @@ class Reader:
         if isinstance(node, ast.JoinedStr):
             for part in node.values:
                 self._ev(part, frame)
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.FormattedValue):
             self._consume(self._ev(node.value, frame), frame, "compare")
             if node.format_spec is not None:
                 self._ev(node.format_spec, frame)
-            return _DATA
+            return ONLY_DATA
         if isinstance(node, ast.Starred):
-            return _one(Seq(self._items(self._ev(node.value, frame), frame)))
+            return one(Seq(self._items(self._ev(node.value, frame), frame)))
         if isinstance(node, ast.Yield):
             if node.value is not None:
-                frame.yields.update(_bounded(self._ev(node.value, frame)))
-            return _DATA
+                frame.yields.update(bounded(self._ev(node.value, frame)))
+            return ONLY_DATA
         if isinstance(node, ast.YieldFrom):
-            frame.yields.update(_bounded(self._items(self._ev(node.value, frame), frame)))
-            return _DATA
+            frame.yields.update(bounded(self._items(self._ev(node.value, frame), frame)))
+            return ONLY_DATA
         if isinstance(node, ast.Await):
             return self._ev(node.value, frame)
         if isinstance(node, ast.Slice):
             for part in (node.lower, node.upper, node.step):
                 if part is not None:
                     self._consume(self._ev(part, frame), frame, "strict")
-            return _DATA
+            return ONLY_DATA
         for child in ast.iter_child_nodes(node):  # anything else: every part used as a value
             if isinstance(child, ast.expr):
                 self._consume(self._ev(child, frame), frame, "strict")
-        return _DATA
+        return ONLY_DATA
 
     def _name(self, name: str, frame: _Frame) -> frozenset:
         local = frame.scope.lookup(name)
@@ -912,13 +753,13 @@ class Reader:
             try:
                 return self._lift(closure[code.co_freevars.index(name)].cell_contents)
             except ValueError:  # an empty cell
-                return _DATA
+                return ONLY_DATA
         module_globals = getattr(obj, "__globals__", None) or {}
         if name in module_globals:
             return self._lift(module_globals[name])
         if hasattr(builtins, name):
-            return _one(Known(getattr(builtins, name)))
-        return _DATA
+            return one(Known(getattr(builtins, name)))
+        return ONLY_DATA
 
     def _attribute(self, owners: frozenset, attr: str, frame: _Frame) -> frozenset:
         result: set = set()
@@ -930,14 +771,14 @@ class Reader:
                 if attr in _TENSOR_METADATA:
                     result.add(DATA)
                 elif attr in _TENSOR_METADATA_METHODS:
-                    result.add(Method("metadata", _one(owner)))
+                    result.add(Method("metadata", one(owner)))
                 else:
-                    self._reach_values(_one(owner), frame, "reads", None)
+                    self._reach_values(one(owner), frame, "reads", None)
                     result.add(DATA)
             elif isinstance(owner, (Seq, Tup)):
-                result.add(Method(attr, _one(owner)))
+                result.add(Method(attr, one(owner)))
             elif isinstance(owner, Children):
-                result.add(Method(f"children.{attr}", _one(owner)))
+                result.add(Method(f"children.{attr}", one(owner)))
             elif isinstance(owner, Known):
                 result |= self._known_attribute(owner.obj, attr)
             elif isinstance(owner, Instance):
@@ -945,7 +786,7 @@ class Reader:
                 found = inspect.getattr_static(cls, attr, None) if isinstance(cls, type) else None
                 if isinstance(found, (types.FunctionType, staticmethod, classmethod)):
                     func = found.__func__ if isinstance(found, (staticmethod, classmethod)) else found
-                    result.add(Bound(Known(func), _one(owner)) if isinstance(found, types.FunctionType)
+                    result.add(Bound(Known(func), one(owner)) if isinstance(found, types.FunctionType)
                                else Known(func))
                 else:
                     result.add(DATA)
@@ -955,50 +796,50 @@ class Reader:
                 result.add(External(f"{owner.name}.{attr}"))
             else:
                 result.add(DATA)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _module_attribute(self, name: str, attr: str, frame: _Frame) -> frozenset:
         """``module.attr`` for module ``name``, as nn.Module resolves it."""
         module = self.modules[name]
         state = module.__dict__
-        result: frozenset = self._aliases.get((name, attr), _EMPTY)
+        result: frozenset = self._aliases.get((name, attr), NOTHING)
         if attr in state.get("_modules", {}):
             child = state["_modules"][attr]
-            return result | (self._lift(child) if child is not None else _DATA)
+            return result | (self._lift(child) if child is not None else ONLY_DATA)
         if attr in state.get("_parameters", {}) or attr in state.get("_buffers", {}):
-            return result | _one(Tensors(frozenset({name}), False, attr))
+            return result | one(Tensors(frozenset({name}), False, attr))
         if attr == "_modules":
-            return result | _one(Children(name))
+            return result | one(Children(name))
         if attr in ("_parameters", "_buffers"):
-            return result | _one(Tensors(frozenset({name}), False))
+            return result | one(Tensors(frozenset({name}), False))
         if attr == "__dict__":
             self._reach(name, frame, f"reads {self._show(name, frame)}.__dict__", True)
-            return result | _DATA
+            return result | ONLY_DATA
         cls = type(module)
         owner = _defined_on(cls, attr)
         found = owner.__dict__[attr] if owner is not None else None
         if isinstance(found, property):
             if owner is nn.Module or found.fget is None:
-                return result | _DATA
-            return result | self._call_function(Known(found.fget), _one(Mods(frozenset({name}))), [], {}, frame)
+                return result | ONLY_DATA
+            return result | self._call_function(Known(found.fget), one(Mods(frozenset({name}))), [], {}, frame)
         if attr in state:
             return result | self._lift(state[attr])
         if owner is None:
             if cls.__getattr__ is not nn.Module.__getattr__:
                 self._reach(name, frame, f"reads {self._show(name, frame)}.{attr} through a custom __getattr__", True)
-            return result | _DATA
+            return result | ONLY_DATA
         if isinstance(found, staticmethod):
             return result | self._lift(found.__func__)
         if isinstance(found, classmethod):
-            return result | _one(Known(getattr(cls, attr)))
+            return result | one(Known(getattr(cls, attr)))
         if isinstance(found, types.FunctionType):
             if attr in _MODULE_CALLS:
-                return result | _one(Mods(frozenset({name})))
+                return result | one(Mods(frozenset({name})))
             if owner is nn.Module:
-                return result | _one(ModuleMethod(attr, frozenset({name})))
+                return result | one(ModuleMethod(attr, frozenset({name})))
             if owner in _CONTAINERS and attr in _CONTAINER_METHODS:
-                return result | _one(ModuleMethod(f"container.{attr}", frozenset({name})))
-            return result | _one(Bound(Known(found), _one(Mods(frozenset({name})))))
+                return result | one(ModuleMethod(f"container.{attr}", frozenset({name})))
+            return result | one(Bound(Known(found), one(Mods(frozenset({name})))))
         return result | self._lift(found)
 
     def _known_attribute(self, obj: Any, attr: str) -> frozenset:
@@ -1007,17 +848,17 @@ class Reader:
             try:
                 return self._lift(getattr(obj, attr))
             except Exception:  # noqa: BLE001 - a lazy module attribute that fails: not the model's
-                return _DATA
+                return ONLY_DATA
         state = getattr(obj, "__dict__", None)
         if isinstance(state, dict) and attr in state:
             return self._lift(state[attr])
         found = inspect.getattr_static(type(obj), attr, None)
         if isinstance(found, types.FunctionType):
-            return _one(Bound(Known(found), _one(Known(obj))))
+            return one(Bound(Known(found), one(Known(obj))))
         if isinstance(found, (staticmethod, classmethod)):
-            return _one(Known(found.__func__))
+            return one(Known(found.__func__))
         if found is None or isinstance(found, property):
-            return _DATA
+            return ONLY_DATA
         return self._lift(found)
 
     def _super_attribute(self, owner: Super, attr: str, frame: _Frame) -> frozenset:
@@ -1039,13 +880,13 @@ class Reader:
                     elif klass in _CONTAINERS and attr in _CONTAINER_METHODS and isinstance(value, Mods):
                         result.add(ModuleMethod(f"container.{attr}", value.names))
                     elif isinstance(found, types.FunctionType):
-                        result.add(Bound(Known(found), _one(value)))
+                        result.add(Bound(Known(found), one(value)))
                     elif isinstance(found, property) and found.fget is not None:
-                        result |= self._call_function(Known(found.fget), _one(value), [], {}, frame)
+                        result |= self._call_function(Known(found.fget), one(value), [], {}, frame)
                     else:
                         result |= self._lift(found)
                     break
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _subscript(self, containers: frozenset, index: ast.expr, frame: _Frame) -> frozenset:
         key = _constant(index)
@@ -1062,15 +903,15 @@ class Reader:
                 elif isinstance(key, slice):
                     result.add(Tup(container.items[key]))
                 else:
-                    result |= self._items(_one(container), frame)
-                    result.add(Seq(self._items(_one(container), frame)))
+                    result |= self._items(one(container), frame)
+                    result.add(Seq(self._items(one(container), frame)))
             elif isinstance(container, Seq):
                 result |= container.items
                 result.add(container)  # a slice
             elif isinstance(container, Children):
                 result |= self._module_item(container.name, key, frame, by_name=True)
             elif isinstance(container, Tensors):
-                self._reach_values(_one(container), frame, "indexes", None)
+                self._reach_values(one(container), frame, "indexes", None)
                 result.add(DATA)
             elif isinstance(container, Known):
                 obj = container.obj
@@ -1080,7 +921,7 @@ class Reader:
                     result |= self._lift_items(obj)
             else:
                 result.add(DATA)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _module_item(self, name: str, key: Any, frame: _Frame, *, by_name: bool = False) -> frozenset:
         """``module[key]``: a container's child, chosen by a constant key where there is one."""
@@ -1096,14 +937,14 @@ class Reader:
                 try:
                     return self._lift(children[key][1])
                 except IndexError:
-                    return _DATA
+                    return ONLY_DATA
             if isinstance(key, slice):
-                return _one(Seq(self._lift_all(child for _, child in children[key])))
-            return every | _one(Seq(every))
+                return one(Seq(self._lift_all(child for _, child in children[key])))
+            return every | one(Seq(every))
         getitem = inspect.getattr_static(type(module), "__getitem__", None)
         if isinstance(getitem, types.FunctionType):
-            return self._call_function(Known(getitem), _one(Mods(frozenset({name}))), [_DATA], {}, frame)
-        return _DATA
+            return self._call_function(Known(getitem), one(Mods(frozenset({name}))), [ONLY_DATA], {}, frame)
+        return ONLY_DATA
 
     def _overrides(self, module: nn.Module, attr: str) -> bool:
         owner = _defined_on(type(module), attr)
@@ -1123,7 +964,7 @@ class Reader:
                     else:
                         iterate = inspect.getattr_static(type(module), "__iter__", None)
                         if isinstance(iterate, types.FunctionType):
-                            got = self._call_function(Known(iterate), _one(Mods(frozenset({name}))), [], {}, frame)
+                            got = self._call_function(Known(iterate), one(Mods(frozenset({name}))), [], {}, frame)
                             result |= self._items(got, frame)
                         else:
                             result.add(DATA)
@@ -1133,20 +974,20 @@ class Reader:
                 for item in value.items:
                     result |= item
             elif isinstance(value, Tensors):
-                self._reach_values(_one(value), frame, "iterates over", None)
+                self._reach_values(one(value), frame, "iterates over", None)
                 result.add(DATA)
             elif isinstance(value, Known):
                 result |= self._lift_items(value.obj)
             else:
                 result.add(DATA)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     # -- calls -------------------------------------------------------------------------------
 
     def _call(self, node: ast.Call, frame: _Frame) -> frozenset:
         callees = self._ev(node.func, frame)
         args: list[frozenset] = []
-        starred: frozenset = _EMPTY
+        starred: frozenset = NOTHING
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 starred |= self._items(self._ev(arg.value, frame), frame)
@@ -1158,26 +999,26 @@ class Reader:
             if keyword.arg is None:
                 starred |= self._items(value, frame)
             else:
-                kwargs[keyword.arg] = kwargs.get(keyword.arg, _EMPTY) | value
+                kwargs[keyword.arg] = kwargs.get(keyword.arg, NOTHING) | value
         if starred:
             args.append(starred)  # where the spread values land is not known: at the next position
         result: set = set()
         for callee in callees:
             result |= self._call_value(callee, args, kwargs, node, frame)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _call_value(self, callee: Any, args: list[frozenset], kwargs: dict[str, frozenset], node: ast.Call,
                     frame: _Frame) -> frozenset:
-        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
+        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else NOTHING
         if isinstance(callee, Mods):
             for name in sorted(callee.names):
                 self._use(name, frame, f"calls {self._show(name, frame)}")
             self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         if isinstance(callee, (Seq, Tup)):  # a slice of an nn.Sequential is called like it
-            self._consume(_one(callee), frame, "passes")
+            self._consume(one(callee), frame, "passes")
             self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         if isinstance(callee, ModuleMethod):
             return self._module_method(callee, args, kwargs, node, frame)
         if isinstance(callee, Method):
@@ -1186,7 +1027,7 @@ class Reader:
             if self._follows(callee.func.obj, callee.self_values, args, kwargs):
                 return self._call_function(callee.func, callee.self_values, args, kwargs, frame)
             self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         if isinstance(callee, Nested):
             return self._call_nested(callee, args, kwargs, frame)
         if isinstance(callee, Known):
@@ -1194,29 +1035,29 @@ class Reader:
         if isinstance(callee, Instance):
             method = inspect.getattr_static(callee.cls.obj, "__call__", None)
             if isinstance(method, types.FunctionType) and self._follows(method, None, args, kwargs):
-                return self._call_function(Known(method), _one(callee), args, kwargs, frame)
+                return self._call_function(Known(method), one(callee), args, kwargs, frame)
             self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         if isinstance(callee, External):
             if _top_package(callee.name) in self.own and self._carries(every):
                 self._unreadable_values(list(args) + list(kwargs.values()), frame.code,
                                         f"calls {callee.name}, which is not loaded")
             else:
                 self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         self._consume(every, frame, "passes")  # an unknown callee: the values are handed away
-        return _DATA
+        return ONLY_DATA
 
     def _call_nested(self, callee: Nested, args: list[frozenset], kwargs: dict[str, frozenset],
                      frame: _Frame) -> frozenset:
-        args = [_bounded(a) for a in args]
-        kwargs = {k: _bounded(v) for k, v in kwargs.items()}
+        args = [bounded(a) for a in args]
+        kwargs = {k: bounded(v) for k, v in kwargs.items()}
         key = (self._version, id(callee.node), id(callee.scope), tuple(args),
                tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key in self._memo:
             return self._memo[key]
         if key in self._active:
-            return _DATA
+            return ONLY_DATA
         self._read += 1
         if self._read > _MAX_FUNCTIONS:
             raise _TooMuch
@@ -1233,16 +1074,16 @@ class Reader:
                  kwargs: dict[str, frozenset]) -> bool:
         """Whether a call of ``func`` is read: a method of one of the model's modules, or code of
         the model's own packages that is handed something of the model."""
-        handed = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
+        handed = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else NOTHING
         if self_values is not None and any(isinstance(v, Mods) for v in self_values):
             return True
-        if not self._carries(handed | (self_values or _EMPTY)):
+        if not self._carries(handed | (self_values or NOTHING)):
             return False
         return _top_package(getattr(func, "__module__", None)) in self.own
 
     def _call_known(self, obj: Any, args: list[frozenset], kwargs: dict[str, frozenset], node: ast.Call,
                     frame: _Frame) -> frozenset:
-        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
+        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else NOTHING
         modelled = _BUILTINS.get(id(obj)) if _is_builtin(obj) else None
         if modelled is not None:
             return modelled(self, args, kwargs, node, frame)
@@ -1252,20 +1093,20 @@ class Reader:
             result: set = set()
             for callee in self._lift(obj.func):
                 result |= self._call_value(callee, lifted + args, {**extra, **kwargs}, _NO_CALL, frame)
-            return frozenset(result) or _DATA
+            return frozenset(result) or ONLY_DATA
         if isinstance(obj, weakref.ref):
             return self._lift(obj())
         if isinstance(obj, type):
             own = _top_package(obj.__module__) in self.own
             init = inspect.getattr_static(obj, "__init__", None)
-            instance = _one(Instance(Known(obj))) if own else _DATA
+            instance = one(Instance(Known(obj))) if own else ONLY_DATA
             if isinstance(init, types.FunctionType) and own and self._carries(every):
                 self._call_function(Known(init), instance, args, kwargs, frame)
                 return instance
             self._consume(every, frame, "passes")
             return instance
         if isinstance(obj, types.FunctionType):
-            first = args[0] if args else _EMPTY
+            first = args[0] if args else NOTHING
             if any(isinstance(v, Mods) and self._is_method_of(obj, v) for v in first):
                 return self._call_function(Known(obj), first, args[1:], kwargs, frame)
             if self._follows(obj, None, args, kwargs):
@@ -1273,7 +1114,7 @@ class Reader:
         elif isinstance(obj, types.MethodType):
             return self._call_value(Bound(Known(obj.__func__), self._lift(obj.__self__)), args, kwargs, node, frame)
         self._consume(every, frame, "passes")
-        return _DATA
+        return ONLY_DATA
 
     def _is_method_of(self, func: Any, value: Mods) -> bool:
         return any(func in _functions_in(klass) for name in value.names for klass in type(self.modules[name]).__mro__)
@@ -1281,55 +1122,55 @@ class Reader:
     def _module_method(self, method: ModuleMethod, args: list[frozenset], kwargs: dict[str, frozenset],
                        node: ast.Call, frame: _Frame) -> frozenset:
         """A method of nn.Module (or of torch's containers) on the model's modules."""
-        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
+        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else NOTHING
         name = method.name
         names = method.names
         children = self._lift_all(c for n in names for c in self.modules[n]._modules.values())
         below = self._lift_all(m for n in names for m in self.modules[n].modules())
         if name in _MODULE_SELF_METHODS:
             self._consume(every, frame, "compare")
-            return _one(Mods(names))
+            return one(Mods(names))
         if name in _MODULE_DATA_METHODS:
-            return _DATA
+            return ONLY_DATA
         if name in ("children", "container.values"):
-            return _one(Seq(children))
+            return one(Seq(children))
         if name in ("named_children", "container.items"):
-            return _one(Seq(_one(Tup((_DATA, children)))))
+            return one(Seq(one(Tup((ONLY_DATA, children)))))
         if name == "modules":
-            return _one(Seq(below))
+            return one(Seq(below))
         if name == "named_modules":
-            return _one(Seq(_one(Tup((_DATA, below)))))
+            return one(Seq(one(Tup((ONLY_DATA, below)))))
         if name in ("parameters", "buffers"):
-            return _one(Seq(_one(Tensors(names, True))))
+            return one(Seq(one(Tensors(names, True))))
         if name in ("named_parameters", "named_buffers"):
-            return _one(Seq(_one(Tup((_DATA, _one(Tensors(names, True)))))))
+            return one(Seq(one(Tup((ONLY_DATA, one(Tensors(names, True)))))))
         if name in ("get_parameter", "get_buffer", "state_dict"):
-            return _one(Tensors(names, True)) if name != "state_dict" else _one(Seq(_one(Tensors(names, True))))
+            return one(Tensors(names, True)) if name != "state_dict" else one(Seq(one(Tensors(names, True))))
         if name == "get_submodule":
             key = _constant(node.args[0]) if node.args else _NOT_CONSTANT
             if isinstance(key, str):
-                result: frozenset = _EMPTY
+                result: frozenset = NOTHING
                 for n in names:
                     try:
                         result |= self._lift(self.modules[n].get_submodule(key))
                     except AttributeError:
-                        result |= _DATA
+                        result |= ONLY_DATA
                 return result
             return below
         if name in ("container.__getitem__",):
             key = _constant(node.args[0]) if node.args else _NOT_CONSTANT
             return frozenset().union(*(self._module_item(n, key, frame) for n in names))
         if name in ("container.__iter__",):
-            return _one(Seq(self._items(_one(Mods(names)), frame)))
+            return one(Seq(self._items(one(Mods(names)), frame)))
         if name in ("container.__len__", "container.__contains__", "container.__bool__", "container.keys"):
             self._consume(every, frame, "compare")
-            return _DATA
+            return ONLY_DATA
         if name in ("container.append", "container.extend", "container.insert", "container.__setitem__",
                     "container.update", "container.add_module"):
             for n in names:
                 self._reach(n, frame, f"changes {self._show(n, frame)}", True)
             self._consume(every, frame, "passes")
-            return _one(Mods(names))
+            return one(Mods(names))
         verb = name.removeprefix("container.")
         for n in sorted(names):  # every other nn.Module method sees inside: apply, train, register_*, ...
             if verb == "<named at run time>":
@@ -1340,47 +1181,47 @@ class Reader:
             if isinstance(value, (Bound, Nested, ModuleMethod)):  # apply(fn): fn runs on each module
                 self._call_value(value, [below], {}, node, frame)
         self._consume(every, frame, "passes")
-        return _DATA
+        return ONLY_DATA
 
     def _method(self, method: Method, args: list[frozenset], kwargs: dict[str, frozenset], node: ast.Call,
                 frame: _Frame) -> frozenset:
         """A method of a tensor's metadata, of a list or dict display, or of ``_modules``."""
-        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else _EMPTY
+        every = frozenset().union(*args, *kwargs.values()) if (args or kwargs) else NOTHING
         if method.name == "metadata":
             self._consume(every, frame, "compare")
-            return _DATA
+            return ONLY_DATA
         if method.name.startswith("children."):
             verb = method.name.removeprefix("children.")
             (children,) = method.receiver
             if verb == "values":
-                return _one(Seq(self._lift_all(self.modules[children.name]._modules.values())))
+                return one(Seq(self._lift_all(self.modules[children.name]._modules.values())))
             if verb == "items":
-                return _one(Seq(_one(Tup((_DATA, self._lift_all(self.modules[children.name]._modules.values()))))))
+                return one(Seq(one(Tup((ONLY_DATA, self._lift_all(self.modules[children.name]._modules.values()))))))
             if verb in ("get", "__getitem__"):
                 key = _constant(node.args[0]) if node.args else _NOT_CONSTANT
                 return self._module_item(children.name, key, frame, by_name=True)
             if verb in ("keys", "__len__", "__contains__"):
-                return _DATA
+                return ONLY_DATA
             self._reach(children.name, frame, f"changes {self._show(children.name, frame)}._modules", True)
             self._consume(every, frame, "passes")
-            return _DATA
+            return ONLY_DATA
         if method.name in _MUTATORS:
             target = node.func.value if isinstance(node.func, ast.Attribute) else None
             added = self._items(args[-1], frame) if method.name in ("extend", "update", "extendleft") and args \
-                else (args[-1] if args else _EMPTY)
+                else (args[-1] if args else NOTHING)
             if target is not None:
                 self._store_item(target, added | frozenset().union(*kwargs.values()) if kwargs else added, frame)
             else:
                 self._consume(every, frame, "stores", reach=True)
-            return _DATA
+            return ONLY_DATA
         items = self._items(method.receiver, frame)
         if method.name in ("pop", "get", "copy", "values", "popitem", "__getitem__", "setdefault", "popleft"):
             self._consume(every, frame, "compare")
-            return items | _one(Seq(items))
+            return items | one(Seq(items))
         if method.name == "items":
-            return _one(Seq(_one(Tup((_DATA, items)))))
+            return one(Seq(one(Tup((ONLY_DATA, items)))))
         self._consume(every, frame, "compare")
-        return _DATA
+        return ONLY_DATA
 
     # -- uses --------------------------------------------------------------------------------
 
@@ -1400,7 +1241,7 @@ class Reader:
                     self._reach(name, frame, f"{verb} {self._tensors(name, value, frame)}", value.subtree, READ)
 
     def _unreadable_values(self, values: list[frozenset], code: str, why: str) -> None:
-        for value in frozenset().union(*values) if values else _EMPTY:
+        for value in frozenset().union(*values) if values else NOTHING:
             for name in self._module_names(value):
                 self.uses.add(Use(name, UNREADABLE, code, why))
 
@@ -1428,15 +1269,15 @@ class Reader:
         """``values`` used in ``context``: "compare"/"truth" only look at a module (not at its
         tensors); "strict" and "passes" (handed to code not read) use modules whole and read
         tensors; ``reach``: kept where later code not read may reach inside."""
-        leaves: set = set()
+        items: set = set()
         for value in values:
             if isinstance(value, (Seq, Tup)):
                 if context in _SAFE_CONTEXTS:
                     continue  # a collection's truth or identity says nothing of its items
-                _leaves(value, leaves)
+                leaves(value, items)
             else:
-                leaves.add(value)
-        for value in leaves:
+                items.add(value)
+        for value in items:
             self._consume_one(value, frame, context, reach, 0)
 
     def _consume_one(self, value: Any, frame: _Frame, context: str, reach: bool, depth: int) -> None:
@@ -1459,11 +1300,11 @@ class Reader:
         elif isinstance(value, (Bound, Nested, ModuleMethod)) and context == "passes":
             # handed to code not read, which may call it: read it as called with unknown arguments
             if isinstance(value, ModuleMethod):
-                self._module_method(value, [_DATA], {}, _NO_CALL, frame)
-            elif isinstance(value, Bound) and not self._follows(value.func.obj, value.self_values, [_DATA], {}):
+                self._module_method(value, [ONLY_DATA], {}, _NO_CALL, frame)
+            elif isinstance(value, Bound) and not self._follows(value.func.obj, value.self_values, [ONLY_DATA], {}):
                 self._consume(value.self_values, frame, context, reach=reach)
             else:
-                self._call_value(value, [_DATA] * 4, {}, _NO_CALL, frame)
+                self._call_value(value, [ONLY_DATA] * 4, {}, _NO_CALL, frame)
         elif isinstance(value, Super) and context not in _SAFE_CONTEXTS:
             self._consume(value.self_values, frame, context, reach=reach)
         elif isinstance(value, Known) and reach and self._holds_modules(value.obj):
@@ -1494,19 +1335,19 @@ class Reader:
     def _lift(self, obj: Any) -> frozenset:
         """The abstract value of a concrete object found in an attribute, a global or a closure."""
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-            return _DATA
+            return ONLY_DATA
         if isinstance(obj, nn.Module):
             names = self.names.get(id(obj))
-            return _one(Mods(frozenset(names))) if names else _DATA
+            return one(Mods(frozenset(names))) if names else ONLY_DATA
         if isinstance(obj, torch.Tensor):
-            return _DATA
+            return ONLY_DATA
         if isinstance(obj, (list, tuple, set, frozenset, dict)) or type(obj).__name__ == "deque":
-            return _one(Seq(self._lift_items(obj))) if self._holds_modules(obj) else _DATA
+            return one(Seq(self._lift_items(obj))) if self._holds_modules(obj) else ONLY_DATA
         if isinstance(obj, weakref.ref):
-            return _one(Known(obj))
+            return one(Known(obj))
         if isinstance(obj, types.MethodType):
-            return _one(Bound(Known(obj.__func__), self._lift(obj.__self__)))
-        return _one(Known(obj))
+            return one(Bound(Known(obj.__func__), self._lift(obj.__self__)))
+        return one(Known(obj))
 
     def _lift_items(self, obj: Any) -> frozenset:
         if isinstance(obj, dict):
@@ -1514,19 +1355,19 @@ class Reader:
         elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
             items = obj
         else:
-            return _DATA
+            return ONLY_DATA
         result: set = set()
         for index, item in enumerate(items):
             if index >= _MAX_ITEMS:
                 break
             result |= self._lift(item)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _lift_all(self, objects: Iterable[Any]) -> frozenset:
         result: set = set()
         for obj in objects:
             result |= self._lift(obj)
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
 
     def _holds_modules(self, obj: Any) -> bool:
         """Whether a plain object or container holds one of the model's modules, at any depth."""
@@ -1565,115 +1406,35 @@ def _is_builtin(obj: Any) -> bool:
         return False
 
 
-# -- plain objects that hold modules ---------------------------------------------------------------
-
-_BOOKKEEPING = frozenset(vars(nn.Module()))
-"""The attributes every nn.Module has (parameters, buffers, children, hooks, flags)."""
-
-_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, type, types.ModuleType,
-          types.BuiltinFunctionType)
-
-
-def held_objects(roots: Iterable[Any], *, inside: Any = None, limit: int = 200_000) -> Iterator[Any]:
-    """Every module and tensor reachable from ``roots`` through plain containers and objects (lists,
-    tuples, sets, dicts, attributes of plain objects, closures, bound methods, partials, weak
-    references), each once. A module for which ``inside(module)`` is true (the model's own) is
-    yielded and not entered; any other module is yielded and entered (its children, tensors and
-    attributes). Stops after ``limit`` objects."""
-    seen: set[int] = set()
-    stack = list(roots)
-    steps = 0
-    while stack:
-        value = stack.pop()
-        if isinstance(value, _ATOMS) or id(value) in seen:
-            continue
-        seen.add(id(value))
-        steps += 1
-        if steps > limit:
-            return
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, nn.Module):
-            yield value
-            if inside is None or not inside(value):
-                stack.extend(module_contents(value, plain_only=False))
-        else:
-            stack.extend(_contents(value))
-
-
-def module_contents(module: nn.Module, *, plain_only: bool) -> list[Any]:
-    """What a module holds: its instance attributes other than nn.Module's bookkeeping, and
-    (``plain_only=False``) also its children, parameters and buffers."""
-    state = vars(module)
-    found = [value for key, value in state.items() if key not in _BOOKKEEPING]
-    if not plain_only:
-        for key in ("_modules", "_parameters", "_buffers"):
-            found.extend(v for v in state.get(key, {}).values() if v is not None)
-    return found
-
-
-def _contents(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple, set, frozenset)) or type(value).__name__ == "deque":
-        return list(value)
-    if isinstance(value, weakref.ref):
-        target = value()
-        return [target] if target is not None else []
-    if isinstance(value, types.MethodType):
-        return [value.__self__, value.__func__]
-    if isinstance(value, types.FunctionType):
-        cells = []
-        for cell in value.__closure__ or ():
-            try:
-                cells.append(cell.cell_contents)
-            except ValueError:
-                continue
-        return [*cells, *(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
-    if isinstance(value, functools.partial):
-        return [value.func, *value.args, *value.keywords.values()]
-    found = []
-    state = getattr(value, "__dict__", None)
-    if isinstance(state, dict):
-        found.extend(state.values())
-    for slot in getattr(type(value), "__slots__", ()) or ():
-        if isinstance(slot, str) and hasattr(value, slot) and slot not in ("__dict__", "__weakref__"):
-            try:
-                found.append(getattr(value, slot))
-            except Exception:  # noqa: BLE001 - a slot that cannot be read holds nothing we can see
-                continue
-    return found
-
-
 # -- builtins the reader models --------------------------------------------------------------------
 
 
 def _b_iterate(reader: Reader, args, kwargs, node, frame) -> frozenset:
     if not args:
-        return _DATA
+        return ONLY_DATA
     for extra in args[1:]:
         reader._consume(extra, frame, "passes")
-    return _one(Seq(reader._items(args[0], frame)))
+    return one(Seq(reader._items(args[0], frame)))
 
 
 def _b_enumerate(reader: Reader, args, kwargs, node, frame) -> frozenset:
-    items = reader._items(args[0], frame) if args else _DATA
-    return _one(Seq(_one(Tup((_DATA, items)))))
+    items = reader._items(args[0], frame) if args else ONLY_DATA
+    return one(Seq(one(Tup((ONLY_DATA, items)))))
 
 
 def _b_zip(reader: Reader, args, kwargs, node, frame) -> frozenset:
-    return _one(Seq(_one(Tup(tuple(reader._items(a, frame) for a in args)))))
+    return one(Seq(one(Tup(tuple(reader._items(a, frame) for a in args)))))
 
 
 def _b_next(reader: Reader, args, kwargs, node, frame) -> frozenset:
-    items = reader._items(args[0], frame) if args else _DATA
-    return items | (args[1] if len(args) > 1 else _EMPTY)
+    items = reader._items(args[0], frame) if args else ONLY_DATA
+    return items | (args[1] if len(args) > 1 else NOTHING)
 
 
 def _b_getattr(reader: Reader, args, kwargs, node, frame) -> frozenset:
     if len(args) < 2:
-        return _DATA
-    default = args[2] if len(args) > 2 else _EMPTY
+        return ONLY_DATA
+    default = args[2] if len(args) > 2 else NOTHING
     name = _constant(node.args[1]) if len(node.args) > 1 else _NOT_CONSTANT
     if isinstance(name, str):
         return reader._attribute(args[0], name, frame) | default
@@ -1691,7 +1452,7 @@ def _dynamic_attribute(reader: Reader, owners: frozenset, prefix: str, frame: _F
                 for klass in type(module).__mro__:
                     candidates.update(vars(klass))
                 for attr in sorted(candidates):
-                    if not attr.startswith(prefix) or attr in _BOOKKEEPING or attr.startswith("__"):
+                    if not attr.startswith(prefix) or attr in BOOKKEEPING or attr.startswith("__"):
                         continue
                     if _defined_on(type(module), attr) is nn.Module and attr not in module.__dict__:
                         result.add(ModuleMethod("<named at run time>", frozenset({name})))
@@ -1703,7 +1464,7 @@ def _dynamic_attribute(reader: Reader, owners: frozenset, prefix: str, frame: _F
                 reader._reach("", frame, "reads an attribute named at run time of an object holding modules", True)
         else:
             result.add(DATA)
-    return frozenset(result) or _DATA
+    return frozenset(result) or ONLY_DATA
 
 
 def _b_setattr(reader: Reader, args, kwargs, node, frame) -> frozenset:
@@ -1714,51 +1475,51 @@ def _b_setattr(reader: Reader, args, kwargs, node, frame) -> frozenset:
         else:
             reader._reach_values(args[0], frame, "sets an attribute named at run time of", True)
             reader._consume(args[2], frame, "stores", reach=True)
-    return _DATA
+    return ONLY_DATA
 
 
 def _b_harmless(reader: Reader, args, kwargs, node, frame) -> frozenset:
     for value in (*args, *kwargs.values()):
         reader._consume(value, frame, "compare")
-    return _DATA
+    return ONLY_DATA
 
 
 def _b_vars(reader: Reader, args, kwargs, node, frame) -> frozenset:
     for value in args:
         reader._reach_values(value, frame, "reads vars() of", True)
-    return _DATA
+    return ONLY_DATA
 
 
 def _b_map(reader: Reader, args, kwargs, node, frame) -> frozenset:
     if not args:
-        return _DATA
+        return ONLY_DATA
     items = [reader._items(a, frame) for a in args[1:]]
     result: set = set()
     for callee in args[0]:
         result |= reader._call_value(callee, items, {}, node, frame)
-    return _one(Seq(frozenset(result) or _DATA))
+    return one(Seq(frozenset(result) or ONLY_DATA))
 
 
 def _b_filter(reader: Reader, args, kwargs, node, frame) -> frozenset:
     if len(args) < 2:
-        return _DATA
+        return ONLY_DATA
     items = reader._items(args[1], frame)
     for callee in args[0]:
         reader._call_value(callee, [items], {}, node, frame)
-    return _one(Seq(items))
+    return one(Seq(items))
 
 
 def _b_sorted(reader: Reader, args, kwargs, node, frame) -> frozenset:
-    items = reader._items(args[0], frame) if args else _DATA
-    for callee in kwargs.get("key", _EMPTY):
+    items = reader._items(args[0], frame) if args else ONLY_DATA
+    for callee in kwargs.get("key", NOTHING):
         reader._call_value(callee, [items], {}, node, frame)
-    return _one(Seq(items))
+    return one(Seq(items))
 
 
 def _b_reduce(reader: Reader, args, kwargs, node, frame) -> frozenset:
     for value in (*args, *kwargs.values()):
         reader._consume(reader._items(value, frame), frame, "strict")
-    return _DATA
+    return ONLY_DATA
 
 
 def _b_super(reader: Reader, args, kwargs, node, frame) -> frozenset:
@@ -1767,19 +1528,19 @@ def _b_super(reader: Reader, args, kwargs, node, frame) -> frozenset:
         for cls in args[0]:
             if isinstance(cls, Known) and isinstance(cls.obj, type):
                 result.add(Super(args[1], cls))
-        return frozenset(result) or _DATA
+        return frozenset(result) or ONLY_DATA
     if frame.defining is None:
-        return _DATA
-    return _one(Super(frame.self_values, Known(frame.defining)))
+        return ONLY_DATA
+    return one(Super(frame.self_values, Known(frame.defining)))
 
 
 def _b_dict(reader: Reader, args, kwargs, node, frame) -> frozenset:
-    items: frozenset = _EMPTY
+    items: frozenset = NOTHING
     for value in args:
         items |= reader._items(value, frame)
     for value in kwargs.values():
         items |= value
-    return _one(Seq(items or _DATA))
+    return one(Seq(items or ONLY_DATA))
 
 
 _BUILTIN_TABLE = {

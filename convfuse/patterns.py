@@ -16,7 +16,8 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from convfuse.callers import READ, UNREADABLE, CodeUse, first_reach, held_objects, module_contents
+from convfuse.callers import READ, UNREADABLE, CodeUse, first_reach
+from convfuse.held import held_objects, module_contents
 from convfuse.tracing import TracedGraph
 
 try:  # detection backbones use torchvision's frozen BatchNorm

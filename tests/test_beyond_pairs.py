@@ -348,35 +348,26 @@ def _doubling_hook(module, args, output):
     return output * 2 + 1
 
 
-class HookedTermSum(nn.Module):
-    """bn(mid(conv_a(x)) + conv_b(x)) with ``mid`` a no-op module that the test hooks."""
+class NoOpInside(nn.Module):
+    """bn(mid(conv_a(x)) + conv_b(x)), or bn(cat([mid(conv_a(x)), conv_b(x)], 1)) where ``concat``,
+    with ``mid`` a no-op module."""
 
-    def __init__(self, mid: nn.Module) -> None:
+    def __init__(self, mid: nn.Module, concat: bool = False) -> None:
         super().__init__()
-        self.conv_a, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
-        self.mid, self.bn = mid, nn.BatchNorm2d(8)
+        out = 4 if concat else 8
+        self.conv_a, self.conv_b = nn.Conv2d(3, out, 3, padding=1), nn.Conv2d(3, out, 1)
+        self.mid, self.bn, self.concat = mid, nn.BatchNorm2d(8), concat
 
     def forward(self, x):
-        return self.bn(self.mid(self.conv_a(x)) + self.conv_b(x))
-
-
-class HookedPartConcat(nn.Module):
-    """bn(cat([mid(conv_a(x)), conv_b(x)], 1)) with ``mid`` a no-op module that the test hooks."""
-
-    def __init__(self, mid: nn.Module) -> None:
-        super().__init__()
-        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
-        self.mid, self.bn = mid, nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn(torch.cat([self.mid(self.conv_a(x)), self.conv_b(x)], 1))
+        a, b = self.mid(self.conv_a(x)), self.conv_b(x)
+        return self.bn(torch.cat([a, b], 1) if self.concat else a + b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mid", [nn.Identity, lambda: nn.Dropout(0.5)], ids=["identity", "dropout"])
-@pytest.mark.parametrize("cls", [HookedTermSum, HookedPartConcat], ids=["sum", "concat"])
-def test_hooked_no_op_inside_a_sum_or_concat_is_skipped(cls, mid, dtype: torch.dtype) -> None:
-    model = randomize_bn(cls(mid())).eval().to(dtype)
+@pytest.mark.parametrize("concat", [False, True], ids=["sum", "concat"])
+def test_hooked_no_op_inside_a_sum_or_concat_is_skipped(concat: bool, mid, dtype: torch.dtype) -> None:
+    model = randomize_bn(NoOpInside(mid(), concat)).eval().to(dtype)
     model.mid.register_forward_hook(_doubling_hook)
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
     result = convfuse.fuse(model, x)
@@ -389,5 +380,5 @@ def test_hooked_no_op_inside_a_sum_or_concat_is_skipped(cls, mid, dtype: torch.d
 
 
 def test_unhooked_no_op_inside_a_sum_still_folds() -> None:
-    result = _fuse(HookedTermSum(nn.Identity()), torch.randn(2, 3, 8, 8))
+    result = _fuse(NoOpInside(nn.Identity()), torch.randn(2, 3, 8, 8))
     assert [p.norm for p in result.report.fused] == ["bn"]

@@ -990,7 +990,7 @@ class UntakenHelperFunction(Untaken):
 class UntakenLambda(Untaken):
     def other(self, x):
         part = self.a
-        run = lambda y: part.bn(y)  # noqa: E731
+        run = lambda y: part.bn(y)
         return run(self.a(x))
 
 

@@ -22,13 +22,16 @@ it the way a user's file would be (its source is readable, as convfuse's code re
 
 The oracle: the model is fused with ``convfuse.fuse`` on an example input whose mean is positive
 (it takes every first branch); then the original, the fused model and the original in float64
-(the truth) are run on that input and on eight others (its negation, which takes every second
-branch, fresh normal draws, a scaled one, one with negative mean). For every output tensor, with
+(the truth) are run on that input and on eight others (its negation plus noise, which takes
+every second branch, fresh normal draws, a scaled one, one with negative mean). For every output tensor, with
 ``scale`` its largest magnitude in the truth, the fused model's error against the truth must stay
 within ``4 x`` the original's own error plus ``8`` units of rounding of the dtype (``8 * eps *
-scale``): a correct fold only moves rounding around (it is computed in float64 and cast once), a
-wrong one (a norm applied twice or not at all, a hook seeing other values) is off by a large part
-of the scale. What observing hooks recorded must match the original's too. The fused model keeps
+scale``; a float64 model is its own truth, so there: 32 units per conv or linear layer run): a
+correct fold only moves rounding around (it is computed in float64 and cast once), a wrong one (a
+norm applied twice or not at all, a hook seeing other values) is off by a large part of the scale.
+What observing hooks recorded is judged the same way. An output that the original itself gets
+more than 5% wrong is rounding noise (a norm of batch statistics over a constant input) and is not
+judged. The fused model keeps
 the original's class, the call never raises, and the report names every BatchNorm left.
 
 ``pytest -m slow tests/test_properties.py`` runs many more examples than the default run.
@@ -56,6 +59,7 @@ EPS = {name: torch.finfo(dtype).eps for name, dtype in DTYPES.items()}
 ORIGINAL_FACTOR = 4.0  # the fused model's error may be this many times the original's own ...
 ROUNDING_UNITS = 8.0  # ... plus this many units of rounding of its dtype (relative to the scale)
 FLOAT64_UNITS = 32.0  # in float64 (the truth is the model itself): this many per layer run
+CANNOT_TELL = 0.05  # an output the original itself gets this wrong (relative) is rounding noise: not judged
 SHAPES = {1: (6,), 2: (5, 5), 3: (4, 4, 4)}
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -299,13 +303,16 @@ def build(program: Program) -> tuple[nn.Module, list]:
 
 
 def inputs(program: Program) -> list[torch.Tensor]:
-    """The example (positive mean: every first branch) and eight others (its negation takes every
-    second branch)."""
+    """The example (positive mean: every first branch) and eight others (its mirror image takes
+    every second branch)."""
     shape = (2, program.channels, *SHAPES[program.rank])
     generator = torch.Generator().manual_seed(program.seed)
-    draw = lambda: torch.randn(shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    draw = lambda: torch.randn(shape, generator=generator, dtype=torch.float64)
     example = draw().abs() + 0.1
-    others = [-example, draw(), draw(), draw(), draw() * 3, draw() - 1, draw() + 1, draw().abs() * 0.3]
+    # Its negation with some noise, not -example itself: ReLU(-example) would be all zeros, and a
+    # norm of batch statistics over a constant is pure rounding noise.
+    mirrored = -example + 0.5 * draw()
+    others = [mirrored, draw(), draw(), draw(), draw() * 3, draw() - 1, draw() + 1, draw().abs() * 0.3]
     return [example, *others]
 
 
@@ -376,6 +383,8 @@ def check(program: Program) -> convfuse.FuseResult | None:
             scale = t.abs().max().item() or 1.0
             own = (o - t).abs().max().item() / scale
             error = (f - t).abs().max().item() / scale
+            if own > CANNOT_TELL:  # e.g. a norm of batch statistics over a constant input: noise
+                continue
             bound = ORIGINAL_FACTOR * own + rounding
             assert error <= bound, (
                 f"input {index}, {what}: fused error {error:.3g} of the scale, the original's own {own:.3g}, "
@@ -385,22 +394,13 @@ def check(program: Program) -> convfuse.FuseResult | None:
     return result
 
 
-COMMON = dict(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=[Phase.explicit, Phase.generate, Phase.shrink],  # no example database, no patch files
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+COMMON = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "phases": [Phase.explicit, Phase.generate, Phase.shrink],  # no example database, no patch files
+    "suppress_health_check": [HealthCheck.too_slow],
+}
 
 
 @dataclass
@@ -430,7 +430,12 @@ def explore(max_examples: int) -> Tally:
         tally.kinds.update(pair.kind for pair in result.report.fused)
         tally.reasons.update(skip.reason for skip in result.report.skipped)
 
-    one()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
+    try:
+        one()
+    finally:
+        torch.set_num_threads(threads)
     return tally
 
 
