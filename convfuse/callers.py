@@ -389,26 +389,35 @@ class Reader:
         kwargs = {k: bounded(v) for k, v in kwargs.items()}
         self_values = bounded(self_values) if self_values is not None else None
         positional = ([self_values] if self_values is not None else []) + list(args)
-        key = (self._version, id(obj), tuple(positional), tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
-        if key in self._memo:
-            return self._memo[key]
-        if key in self._active:  # recursion: its uses are recorded by the outer reading
-            return ONLY_DATA
         node = self._function_node(obj)
-        where = caller.code if caller is not None else getattr(obj, "__qualname__", "?")
         if node is None:
+            where = caller.code if caller is not None else getattr(obj, "__qualname__", "?")
             name = getattr(obj, "__qualname__", repr(obj))
             self._unreadable_values(positional + list(kwargs.values()), where,
                                     f"calls {name}, whose source cannot be read" if not entry
                                     else "has no source to read")
+            return ONLY_DATA
+        defining = self._defining_class(obj, self_values)
+        return self._once(
+            (id(obj), tuple(positional)),
+            kwargs,
+            lambda: self._run(node, Known(obj), positional, kwargs, None, self_values or ONLY_DATA, defining),
+        )
+
+    def _once(self, key: tuple, kwargs: dict[str, frozenset], read: Any) -> frozenset:
+        """``read()``, once per function and arguments (while no code stores new modules on modules);
+        a call back into a function being read gives nothing new: its outer reading records it."""
+        key = (self._version, *key, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        if key in self._memo:
+            return self._memo[key]
+        if key in self._active:
             return ONLY_DATA
         self._read += 1
         if self._read > _MAX_FUNCTIONS:
             raise _TooMuch
         self._active.add(key)
         try:
-            result = self._run(node, Known(obj), positional, kwargs, None, self_values or ONLY_DATA,
-                               self._defining_class(obj, self_values))
+            result = read()
         finally:
             self._active.discard(key)
         self._memo[key] = result
@@ -1052,23 +1061,12 @@ class Reader:
                      frame: _Frame) -> frozenset:
         args = [bounded(a) for a in args]
         kwargs = {k: bounded(v) for k, v in kwargs.items()}
-        key = (self._version, id(callee.node), id(callee.scope), tuple(args),
-               tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
-        if key in self._memo:
-            return self._memo[key]
-        if key in self._active:
-            return ONLY_DATA
-        self._read += 1
-        if self._read > _MAX_FUNCTIONS:
-            raise _TooMuch
-        self._active.add(key)
-        try:
-            result = self._run(callee.node, callee.func, list(args), kwargs, callee.scope, callee.self_values,
-                               callee.defining)
-        finally:
-            self._active.discard(key)
-        self._memo[key] = result
-        return result
+        return self._once(
+            (id(callee.node), id(callee.scope), tuple(args)),
+            kwargs,
+            lambda: self._run(callee.node, callee.func, list(args), kwargs, callee.scope, callee.self_values,
+                              callee.defining),
+        )
 
     def _follows(self, func: Any, self_values: frozenset | None, args: list[frozenset],
                  kwargs: dict[str, frozenset]) -> bool:
