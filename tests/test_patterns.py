@@ -854,6 +854,7 @@ NO_OPS = {
     "dropout": lambda: nn.Dropout(0.3),
     "dropout2d": lambda: nn.Dropout2d(0.3),
     "alpha dropout": lambda: nn.AlphaDropout(0.3),
+    "feature alpha dropout": lambda: nn.FeatureAlphaDropout(0.3),
 }
 
 
