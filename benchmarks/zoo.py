@@ -9,7 +9,9 @@ eval mode, on small fixed random inputs, this script runs
 * ``torch.fx.experimental.optimization.fuse(model)``, the fuser users would otherwise pick,
 
 and reports for each: status, norms executed before and after, the worst relative output error
-and the wall time of the fuse call. ``--timm`` adds a fixed sample of timm models.
+and the wall time of the fuse call. ``--timm`` adds a fixed sample of timm models,
+``--ultralytics`` the YOLO models built from ultralytics' bundled configs (no download; skipped
+with a note where ultralytics is not installed).
 
 How norms are counted (what runs, not what is registered): the original model, convfuse's
 result and PyTorch's result (a GraphModule) each run once under a TorchFunctionMode
@@ -44,7 +46,7 @@ tracing, matching and folding (report timings). PyTorch's includes its copy and 
 
 Exit status: 1 when convfuse produced a WRONG output on any model, else 0.
 
-    python benchmarks/zoo.py [--quick] [--timm] [--all] [--only NAME ...] [--output FILE.md]
+    python benchmarks/zoo.py [--quick] [--timm] [--ultralytics] [--all] [--only NAME ...] [--output FILE.md]
 """
 
 from __future__ import annotations
@@ -168,6 +170,13 @@ TIMM_SAMPLE = [
 ]
 TIMM_QUICK = ["efficientnet_b0", "levit_128s", "repvgg_a2", "fastvit_t8", "hrnet_w18_small"]
 
+# ultralytics models from the configs bundled with the package (random weights, nothing downloaded)
+ULTRALYTICS = {
+    "yolov8n": ("yolov8n.yaml", "detection", 256),
+    "yolo11n": ("yolo11n.yaml", "detection", 256),
+    "yolov8n-cls": ("yolov8n-cls.yaml", "classification", 224),
+}
+
 
 # -- the models ---------------------------------------------------------------------------
 
@@ -286,6 +295,26 @@ def timm_specs(names: list[str]) -> list[Spec]:
 
         specs.append(Spec(name, "timm", build, inputs))
     return specs
+
+
+def ultralytics_specs() -> tuple[list[Spec], str | None]:
+    """The ULTRALYTICS models, or none and why (ultralytics is not installed)."""
+    import os
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # build from the bundled configs, never download
+    try:
+        from ultralytics.nn.tasks import ClassificationModel, DetectionModel
+    except ImportError as error:
+        return [], f"ultralytics is not installed ({error})"
+    specs = []
+    for name, (config, family, size) in ULTRALYTICS.items():
+
+        def build(config: str = config, family: str = family) -> nn.Module:
+            cls = ClassificationModel if family == "classification" else DetectionModel
+            return cls(config, verbose=False)
+
+        specs.append(Spec(name, f"ultralytics {family}", build, lambda s=size: _randn(1, 3, s, s), f"{size}x{size}"))
+    return specs, None
 
 
 # -- running one model --------------------------------------------------------------------
@@ -624,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         "--timm", action="store_true", help=f"also a sample of {len(TIMM_SAMPLE)} timm models"
     )
     parser.add_argument(
+        "--ultralytics", action="store_true", help="also the ultralytics models: " + ", ".join(ULTRALYTICS)
+    )
+    parser.add_argument(
         "--all", action="store_true", help="also the models left out for time: " + ", ".join(HEAVY)
     )
     parser.add_argument(
@@ -640,12 +672,17 @@ def main(argv: list[str] | None = None) -> int:
     specs = torchvision_specs()
     timm_names = TIMM_QUICK if args.quick else TIMM_SAMPLE
     timm_list = timm_specs(timm_names) if args.timm else []
+    named = bool(args.only and set(args.only) & set(ULTRALYTICS))
+    ultralytics_list, no_ultralytics = ultralytics_specs() if args.ultralytics or named else ([], None)
+    if no_ultralytics:
+        print(f"--ultralytics: skipped, {no_ultralytics}", file=sys.stderr)
     skipped: list[tuple[str, str]] = []
-    if args.only:  # names torchvision does not know are taken as timm names
+    if args.only:  # names torchvision and ultralytics do not know are taken as timm names
         wanted = set(args.only)
-        known = {s.name for s in specs}
+        known = {s.name for s in specs} | set(ULTRALYTICS)
         timm_list = timm_specs([n for n in args.only if n not in known])
         specs = [s for s in specs if s.name in wanted]
+        ultralytics_list = [s for s in ultralytics_list if s.name in wanted]
     elif args.quick:
         specs = [s for s in specs if s.name in QUICK]
     elif not args.all:
@@ -654,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     sections = []
-    for title, group in (("torchvision", specs), ("timm sample", timm_list)):
+    for title, group in (("torchvision", specs), ("timm sample", timm_list), ("ultralytics", ultralytics_list)):
         if not group:
             continue
         rows = []
@@ -680,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         "(see the script's docstring). Inputs: classification 1x3x128x128 (vit_*_14 112, maxvit_t 224), "
         'detection 2 images 3x224x224 (min_size=max_size=224; "frozen BN": the backbone\'s BatchNorm2d '
         "converted to FrozenBatchNorm2d, as the builder does when weights are loaded), segmentation 1x3x128x128, video "
-        "1x3x8x112x112 (s3d 16x224x224), optical flow 2x 1x3x128x128 with 3 flow updates.\n\n"
+        "1x3x8x112x112 (s3d 16x224x224), optical flow 2x 1x3x128x128 with 3 flow updates, ultralytics "
+        "1x3x256x256 (classification 224x224).\n\n"
     )
     wrong = False
     for title, rows in sections:

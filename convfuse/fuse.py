@@ -32,7 +32,7 @@ from convfuse.patterns import (
     is_norm,
     is_producer,
     overrides_forward,
-    skip_reason,
+    why_skipped,
 )
 from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.reparam import plan_merges
@@ -256,7 +256,7 @@ def fuse_pass(
             tracing = _trace(model)
     with timed(timings, "fold"):
         matches, unmatched = find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])
-        facts = Facts.gather(model, tracing.graphs, observation)
+        facts = Facts.gather(model, tracing.graphs, observation, tracing.uses)
         fused, rejected = _fold_all(matches, facts)
     report.fused = fused
     report.untraced = tracing.untraced
@@ -298,9 +298,9 @@ def _fold_all(matches: list[Match], facts: Facts) -> tuple[list[FusedPair], list
 
 def _try_fold(match: Match, facts: Facts) -> Skipped | None:
     """Fold one match into the model, or say why not (the model is then unchanged)."""
-    reason = skip_reason(match, facts)
-    if reason is not None:
-        return Skipped(match.norm, match.producer, reason)
+    why = why_skipped(match, facts)
+    if why is not None:
+        return Skipped(match.norm, match.producer, *why)
     norm = facts.modules[match.norm]
     norm_custom = overrides_forward(norm, match.pattern.norm)
     try:

@@ -18,7 +18,17 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from convfuse.patterns import Combine, Match, Pattern, Reason, Skipped, find_pattern, is_norm, is_producer
+from convfuse.patterns import (
+    Combine,
+    Match,
+    Pattern,
+    Reason,
+    Skipped,
+    find_pattern,
+    is_norm,
+    is_producer,
+    own_hooks,
+)
 from convfuse.tracing import TracedGraph
 
 __all__ = ["find_matches", "is_add", "real_users", "sum_terms", "through_identities"]
@@ -88,49 +98,71 @@ def _is_reshape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
 
 
-def _no_op(module: nn.Module | None) -> bool:
-    """A module that passes its input through at eval: nn.Identity, a dropout in eval mode."""
-    if isinstance(module, nn.Identity):
-        return True
-    return isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+# torch's own no-op layers, by the forward that makes them one (a subclass that replaces it is not)
+_NO_OP_FORWARDS = {
+    nn.Identity.forward: False,  # the value: whether the module is a no-op only at eval
+    **{cls.forward: True for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                     nn.FeatureAlphaDropout)},
+}
 
 
-def through_identities(modules: dict[str, nn.Module], value: object, between: list[fx.Node]) -> object:
+def _no_op(module: nn.Module | None, *, hooked: bool = False) -> bool:
+    """A module that passes its input through at eval: nn.Identity, a dropout in eval mode, with
+    torch's own forward. ``hooked``: also one with hooks of its own (the caller must then judge
+    those hooks: they see the value passed through)."""
+    if module is None or type(module).__call__ is not nn.Module.__call__:
+        return False
+    eval_only = _NO_OP_FORWARDS.get(type(module).forward)
+    if eval_only is None or (eval_only and module.training):
+        return False
+    return hooked or not own_hooks(module)
+
+
+def through_identities(
+    modules: dict[str, nn.Module], value: object, between: list[fx.Node], *, hooked: bool = False
+) -> object:
     """``value`` with the no-op modules in front of it (nn.Identity, dropout in eval mode) skipped;
-    they are added to ``between``. They stay in the model: they still pass values through."""
+    they are added to ``between``. They stay in the model: they still pass values through. One
+    with hooks stops the walk (its hooks see the value), unless ``hooked``."""
     while (
-        isinstance(value, fx.Node) and _no_op(_module(modules, value)) and len(value.args) == 1 and not value.kwargs
+        isinstance(value, fx.Node)
+        and _no_op(_module(modules, value), hooked=hooked)
+        and len(value.args) == 1
+        and not value.kwargs
     ):
         between.append(value)
         value = value.args[0]
     return value
 
 
-def sum_terms(modules: dict[str, nn.Module], node: fx.Node, between: list[fx.Node]) -> list[object]:
+def sum_terms(
+    modules: dict[str, nn.Module], node: fx.Node, between: list[fx.Node], *, hooked: bool = False
+) -> list[object]:
     """The terms of a tree of additions, in order, through nn.Identity calls and without literal
     zeros (``out = 0; out += conv(x)``); the inner nodes are added to ``between``."""
     terms: list[object] = []
     for arg in node.args:
-        arg = through_identities(modules, arg, between)
+        arg = through_identities(modules, arg, between, hooked=hooked)
         if isinstance(arg, fx.Node) and is_add(arg):
             between.append(arg)
-            terms.extend(sum_terms(modules, arg, between))
+            terms.extend(sum_terms(modules, arg, between, hooked=hooked))
         elif not (isinstance(arg, (int, float)) and not isinstance(arg, bool) and arg == 0):
             terms.append(arg)
     return terms
 
 
 def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
-    """How ``value`` (a norm's input) is made from producer outputs, or why it is not."""
+    """How ``value`` (a norm's input) is made from producer outputs, or why it is not. No-op
+    modules with hooks are walked through; the match then names them (``Match.crossed``)."""
     passed: list[fx.Node] = []
-    value = through_identities(modules, value, passed)
+    value = through_identities(modules, value, passed, hooked=True)
     if not isinstance(value, fx.Node):
         return Reason.NO_PRODUCER
     if _is_producer_node(modules, value):
         return _Feed(Combine.DIRECT, [value], [value, *passed])
     if is_add(value):
         between: list[fx.Node] = [value, *passed]
-        terms = sum_terms(modules, value, between)
+        terms = sum_terms(modules, value, between, hooked=True)
         if not all(_is_producer_node(modules, t) for t in terms) or len(set(terms)) != len(terms):
             return Reason.SUM_TERMS
         return _Feed(Combine.SUM, terms, between + terms)  # type: ignore[arg-type]
@@ -139,7 +171,7 @@ def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
         dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", 0)
         if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
             return Reason.CAT_TERMS
-        parts = [through_identities(modules, part, passed) for part in parts]
+        parts = [through_identities(modules, part, passed, hooked=True) for part in parts]
         if not all(_is_producer_node(modules, p) for p in parts) or len(set(parts)) != len(parts):
             return Reason.CAT_TERMS
         return _Feed(Combine.CAT, list(parts), [value, *passed, *parts], dim)
@@ -149,7 +181,7 @@ def _feed(modules: dict[str, nn.Module], value: object) -> _Feed | str:
         while isinstance(source, fx.Node) and _is_reshape(source):
             chain.append(source)
             source = source.args[0] if source.args else None
-        source = through_identities(modules, source, passed)
+        source = through_identities(modules, source, passed, hooked=True)
         if _is_producer_node(modules, source):
             assert isinstance(source, fx.Node)
             return _Feed(Combine.RESHAPE, [source], [*chain, *passed, source])
@@ -177,6 +209,21 @@ def real_users(node: fx.Node) -> int:
             continue
         count += 1
     return count
+
+
+def _crossed(traced: TracedGraph, nodes: list[fx.Node], pair: set[str]) -> tuple[str, ...]:
+    """The modules whose boundary the values from the producers to the norm cross: those that
+    hold some of ``nodes`` but not all (a block returning a conv's output to a parent's norm),
+    and the no-op modules between. Their hooks see the values a fold changes."""
+    stacks = []
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = {value[0] if isinstance(value, tuple) else key for key, value in stack.items()}
+        stacks.append({traced.qualified(path) for path in paths if isinstance(path, str)})
+    if not stacks:
+        return ()
+    crossed = set.union(*stacks) - set.intersection(*stacks) - pair
+    return tuple(sorted(crossed))
 
 
 def _kind(combine: str, producers: list[nn.Module], norm: nn.Module) -> str:
@@ -220,6 +267,7 @@ def _candidates(
                 extra_arguments=extra,
                 combine=feed.combine,
                 dim=feed.dim,
+                crossed=_crossed(traced, [*feed.between, norm_node], {*names, norm_name}),
             ))
 
     users = list(norm_node.users)
@@ -235,6 +283,7 @@ def _candidates(
                 kind=f"{type(norm).__name__}+{type(consumer).__name__}",
                 users=len(users),
                 extra_arguments=extra,
+                crossed=_crossed(traced, [norm_node, users[0]], {consumer_name, norm_name}),
             ))
         elif not found and isinstance(consumer, _ConvTransposeNd):
             reason = (Reason.TRANSPOSED_AFTER, consumer_name)

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
+from convfuse.callers import READ, UNREADABLE, CodeUse, first_reach
+from convfuse.held import held_objects, module_contents
 from convfuse.tracing import TracedGraph
 
 try:  # detection backbones use torchvision's frozen BatchNorm
@@ -39,7 +42,9 @@ __all__ = [
     "is_norm",
     "is_producer",
     "overrides_forward",
+    "own_hooks",
     "skip_reason",
+    "why_skipped",
 ]
 
 
@@ -119,9 +124,11 @@ class Reason:
     CALLED_TWICE = "a module of the pair is called more than once"
     SHARED_NAMES = "a module of the pair is registered under more than one name"
     HELD_ELSEWHERE = "a module of the pair is also held outside the module tree (e.g. in a plain list)"
+    TENSOR_HELD_ELSEWHERE = "a parameter or buffer of the pair is also held outside the module tree"
     SHARED_PARAMETER = "a parameter of the pair is shared with another module"
     DIRECT_ACCESS = "the forward reads a parameter or buffer of the pair directly"
     HOOKS = "a module of the pair has hooks"
+    HOOKS_BETWEEN = "a module between the pair has hooks"
     GLOBAL_HOOKS = "global module hooks are registered"
     PARAMETRIZED = "a module of the pair has parametrizations"
     TRAINING = "the norm is in training mode"
@@ -142,6 +149,8 @@ class Reason:
     CAT_AXIS = "its input is a concatenation along an axis other than the channels"
     RESHAPE_AXIS = "the reshapes between the layer and the norm do not keep the channel axis"
     OUTSIDE_PART = "a module of the pair is called from outside the part where the pair was traced"
+    REACHED = "code outside the part where the pair was traced can use a module of the pair directly"
+    NO_SOURCE = "the pair is in a part used by code whose source cannot be read"
     UNOBSERVED = "the pair is in a part called from untraceable code, which is only seen with example inputs"
     # Graph formats (ExportedProgram, TorchScript), where the pair is a pair of ops:
     COMPUTED_WEIGHT = "a weight or statistic of the pair is computed in the graph, not stored"
@@ -176,6 +185,7 @@ class Match:
     dim: int | None = None  # the concatenation axis as written, for Combine.CAT
     graph: str = ""  # the traced part it was found in ("" for the model's own graph)
     unseen_callers: bool = False  # that part has an ancestor whose forward could not be traced
+    crossed: tuple[str, ...] = ()  # modules whose boundary the values between the pair cross
 
     @property
     def pattern(self) -> Pattern:
@@ -223,9 +233,17 @@ class Facts:
     shared_parameters: set[int]
     observation: Observation | None = None
     held_elsewhere: set[int] = field(default_factory=set)  # ids of modules also in plain containers
+    tensors_held_elsewhere: set[int] = field(default_factory=set)  # ids of modules whose tensors are
+    uses: CodeUse | None = None  # what untraced code does with the model's modules
 
     @classmethod
-    def gather(cls, model: nn.Module, graphs: list[TracedGraph], observation: Observation | None) -> Facts:
+    def gather(
+        cls,
+        model: nn.Module,
+        graphs: list[TracedGraph],
+        observation: Observation | None,
+        uses: CodeUse | None = None,
+    ) -> Facts:
         names: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             names.setdefault(id(module), []).append(name)
@@ -242,6 +260,7 @@ class Facts:
                 elif node.op == "get_attr":
                     owner, _, _ = traced.qualified(node.target).rpartition(".")
                     direct_reads.add(owner)
+        held, tensors_held = _held_in_containers(model)
         return cls(
             modules=dict(model.named_modules(remove_duplicate=False)),
             names=names,
@@ -249,21 +268,48 @@ class Facts:
             direct_reads=direct_reads,
             shared_parameters={pid for pid, count in owners.items() if count > 1},
             observation=observation,
-            held_elsewhere=_held_in_containers(model),
+            held_elsewhere=held,
+            tensors_held_elsewhere=tensors_held,
+            uses=uses,
         )
 
 
-def _held_in_containers(model: nn.Module) -> set[int]:
-    """Modules that some module also keeps in a plain list, tuple or dict attribute: code that
-    calls them from there would still call the original after a rewrite."""
+def _held_in_containers(model: nn.Module) -> tuple[set[int], set[int]]:
+    """Modules that something besides the module tree also holds, and modules whose tensors (or
+    views of their storage) are held so: code that uses them from there would still see the
+    original norm, or read weights the fold changed in place.
+
+    Every instance attribute of every module is walked, except nn.Module's own bookkeeping
+    (parameters, buffers, children, hooks): plain containers of any kind and depth, plain
+    objects' attributes, closures, bound methods, partials, weak references, and modules outside
+    the tree (their children too), once each.
+    """
+    tree = {id(m): m for m in model.modules()}
+    storages: dict[int, int] = {}
+    for module in tree.values():
+        if is_norm(module) or is_producer(module):
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                key = _storage(tensor)
+                if key is not None:
+                    storages.setdefault(key, id(module))
     held: set[int] = set()
-    for module in {id(m): m for m in model.modules()}.values():
-        for key, value in vars(module).items():
-            if key.startswith("_") or not isinstance(value, (list, tuple, dict)):
-                continue
-            items = value.values() if isinstance(value, dict) else value
-            held.update(id(item) for item in items if isinstance(item, nn.Module))
-    return held
+    tensors_held: set[int] = set()
+    roots = [value for module in tree.values() for value in module_contents(module, plain_only=True)]
+    for value in held_objects(roots, inside=lambda m: id(m) in tree):
+        if isinstance(value, nn.Module):
+            held.add(id(value))
+        else:
+            owner = storages.get(_storage(value))
+            if owner is not None:
+                tensors_held.add(owner)
+    return held, tensors_held
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, sparse)
+        return None
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -298,10 +344,11 @@ def find_pattern(first: nn.Module, second: nn.Module, *, reshaped: bool = False)
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks of its own, or global module hooks exist."""
-    return _own_hooks(module) or _global_hooks()
+    return own_hooks(module) or _global_hooks()
 
 
-def _own_hooks(module: nn.Module) -> bool:
+def own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own."""
     return bool(
         module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
         or getattr(module, "_backward_pre_hooks", None)
@@ -383,26 +430,46 @@ def _keeps_channels(made: tuple[int, ...], seen: tuple[int, ...], linear: bool) 
 
 
 def skip_reason(match: Match, facts: Facts) -> str | None:
-    """Why ``match`` must not be folded, or None where every check passes.
+    """Why ``match`` must not be folded, or None where every check passes."""
+    why = why_skipped(match, facts)
+    return why[0] if why is not None else None
+
+
+def why_skipped(match: Match, facts: Facts) -> tuple[str, str | None] | None:
+    """Why ``match`` must not be folded (a ``Reason`` and a detail or None), or None where every
+    check passes.
 
     The subclass checks that need running or tracing the layers (custom forwards) are made
     by the fuse pass after this says yes.
     """
+    if _global_hooks():
+        return Reason.GLOBAL_HOOKS, None
+    use = first_reach(facts.uses, (*match.producers, match.norm), match.graph)
+    if use is not None:
+        reason = {UNREADABLE: Reason.NO_SOURCE, READ: Reason.DIRECT_ACCESS}.get(use.kind, Reason.REACHED)
+        return reason, use.detail
+    reason = _reason(match, facts)
+    return (reason, None) if reason is not None else None
+
+
+def _reason(match: Match, facts: Facts) -> str | None:
     producers = [facts.modules[name] for name in match.producers]
     norm = facts.modules[match.norm]
     names = (*match.producers, match.norm)
     layers = [facts.modules[name] for name in names]
     observed = facts.observation
-    if _global_hooks():
-        return Reason.GLOBAL_HOOKS
     if any(len(facts.names[id(layer)]) > 1 for layer in layers):
         return Reason.SHARED_NAMES
     if any(id(layer) in facts.held_elsewhere for layer in layers):
         return Reason.HELD_ELSEWHERE
+    if any(id(layer) in facts.tensors_held_elsewhere for layer in layers):
+        return Reason.TENSOR_HELD_ELSEWHERE
     if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in names):
         return Reason.CALLED_TWICE
-    if any(_own_hooks(layer) for layer in layers):
+    if any(own_hooks(layer) for layer in layers):
         return Reason.HOOKS
+    if any(own_hooks(facts.modules[name]) for name in match.crossed if name in facts.modules):
+        return Reason.HOOKS_BETWEEN
     if any(parametrize.is_parametrized(layer) for layer in layers):
         return Reason.PARAMETRIZED
     if any(id(p) in facts.shared_parameters for producer in producers for p in producer.parameters(recurse=False)):
@@ -432,11 +499,11 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
         return Reason.NOT_FLOATING
     if len({t.device for t in tensors if t.is_floating_point()}) > 1:
         return Reason.DEVICES
+    if observed is not None and any(observed.calls[name] == 0 for name in names):
+        return Reason.NOT_CALLED  # before the shape checks: a norm never run has no shape to see
     reason = _channel_reason(match, producers, norm, observed)
     if reason is not None:
         return reason
     if match.norm_first and _zero_padded(producers[0]):
         return Reason.ZERO_PADDING
-    if observed is not None and any(observed.calls[name] == 0 for name in names):
-        return Reason.NOT_CALLED
     return None

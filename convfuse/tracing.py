@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
+from convfuse.callers import CodeUse, Reader
 from convfuse.errors import first_line
 
 __all__ = ["TracedGraph", "Tracing", "Untraced", "trace_model"]
@@ -41,6 +42,8 @@ class Untraced:
 class Tracing:
     graphs: list[TracedGraph]
     untraced: list[Untraced]
+    uses: CodeUse | None = None
+    """What the untraced forwards do with the modules below them (read from their code)."""
 
 
 class _Tracer(fx.Tracer):
@@ -89,15 +92,24 @@ def trace_model(model: nn.Module, keep: Callable[[nn.Module], bool]) -> Tracing:
 
     Modules for which ``keep(module)`` is true stay single ``call_module`` nodes. When a
     child's forward fails to trace inside its parent, the child becomes a leaf of the parent's
-    graph and is traced on its own; when a module's own forward fails, each of its children is
-    traced on its own. Never raises for a tracing failure: the module and the reason are
+    graph and is traced on its own; when a module's own forward fails, its code is read
+    (``convfuse.callers``) and each of its children is traced on its own. An ``nn.Sequential``
+    whose elements that code calls one by one (``for m in self.model: x = m(x)``) is not one part:
+    its elements are. Never raises for a tracing failure: the module and the reason are
     returned in ``Tracing.untraced``.
     """
-    graphs: list[TracedGraph] = []
-    untraced: list[Untraced] = []
+    state = _State(keep, [], [], Reader(model))
     with _attributes_restored(model):
-        _trace_part(model, "", keep, graphs, untraced)
-    return Tracing(graphs, untraced)
+        _trace_part(model, "", state)
+    return Tracing(state.graphs, state.untraced, state.reader.uses)
+
+
+@dataclass
+class _State:
+    keep: Callable[[nn.Module], bool]
+    graphs: list[TracedGraph]
+    untraced: list[Untraced]
+    reader: Reader
 
 
 @contextmanager
@@ -117,33 +129,40 @@ def _attributes_restored(model: nn.Module) -> Iterator[None]:
             module.__dict__.update(state)
 
 
-def _trace_part(
-    module: nn.Module,
-    prefix: str,
-    keep: Callable[[nn.Module], bool],
-    graphs: list[TracedGraph],
-    untraced: list[Untraced],
-) -> None:
-    if keep(module) or not _has_forward(module):
+def _trace_part(module: nn.Module, prefix: str, state: _State) -> None:
+    if state.keep(module) or not _has_forward(module):
         # A leaf layer needs no graph; a container without forward (ModuleList) holds parts.
-        if not keep(module):
-            for name, child in module.named_children():
-                _trace_part(child, _join(prefix, name), keep, graphs, untraced)
+        if not state.keep(module):
+            _trace_children(module, prefix, state)
         return
     opaque: set[str] = set()
     while True:
-        tracer = _Tracer(keep, opaque)
+        tracer = _Tracer(state.keep, opaque)
         try:
             graph = tracer.trace(module)
             break
         except Exception as error:  # any failure only limits what is found
             failed = tracer.failed_in
             if failed is None or failed in opaque or failed == "":
-                untraced.append(Untraced(prefix or "(model)", _describe(error)))
-                for name, child in module.named_children():
-                    _trace_part(child, _join(prefix, name), keep, graphs, untraced)
+                state.untraced.append(Untraced(prefix or "(model)", _describe(error)))
+                state.reader.read_forward(prefix)
+                _trace_children(module, prefix, state)
                 return
             opaque.add(failed)
-    graphs.append(TracedGraph(prefix, module, graph))
+    state.graphs.append(TracedGraph(prefix, module, graph))
     for name in sorted(opaque):
-        _trace_part(module.get_submodule(name), _join(prefix, name), keep, graphs, untraced)
+        _trace_part(module.get_submodule(name), _join(prefix, name), state)
+
+
+def _trace_children(module: nn.Module, prefix: str, state: _State) -> None:
+    """Trace each child of a module whose forward is not traced, or which has none."""
+    for name, child in module.named_children():
+        path = _join(prefix, name)
+        if isinstance(child, nn.Sequential) and state.reader.uses.calls_below(path):
+            # Code outside it takes its elements one by one: they are what runs, so they are the
+            # parts. Where that code also calls it whole, its forward is code outside them too.
+            if state.reader.uses.called(path):
+                state.reader.read_forward(path)
+            _trace_children(child, path, state)
+        else:
+            _trace_part(child, path, state)

@@ -339,3 +339,46 @@ class LinearNorm(nn.Module):
 def test_uses_that_only_read_the_shape_do_not_block_the_fold() -> None:
     result = _fuse(LinearNorm(), torch.randn(2, 7, 6))
     assert [p.kind for p in result.report.fused] == ["Linear+reshape+BatchNorm1d"]
+
+
+# -- issue 14: hooks on a no-op module inside a sum or a concatenation ----------------------------
+
+
+def _doubling_hook(module, args, output):
+    return output * 2 + 1
+
+
+class NoOpInside(nn.Module):
+    """bn(mid(conv_a(x)) + conv_b(x)), or bn(cat([mid(conv_a(x)), conv_b(x)], 1)) where ``concat``,
+    with ``mid`` a no-op module."""
+
+    def __init__(self, mid: nn.Module, concat: bool = False) -> None:
+        super().__init__()
+        out = 4 if concat else 8
+        self.conv_a, self.conv_b = nn.Conv2d(3, out, 3, padding=1), nn.Conv2d(3, out, 1)
+        self.mid, self.bn, self.concat = mid, nn.BatchNorm2d(8), concat
+
+    def forward(self, x):
+        a, b = self.mid(self.conv_a(x)), self.conv_b(x)
+        return self.bn(torch.cat([a, b], 1) if self.concat else a + b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mid", [nn.Identity, lambda: nn.Dropout(0.5)], ids=["identity", "dropout"])
+@pytest.mark.parametrize("concat", [False, True], ids=["sum", "concat"])
+def test_hooked_no_op_inside_a_sum_or_concat_is_skipped(concat: bool, mid, dtype: torch.dtype) -> None:
+    model = randomize_bn(NoOpInside(mid(), concat)).eval().to(dtype)
+    model.mid.register_forward_hook(_doubling_hook)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    result = convfuse.fuse(model, x)
+    skip = {s.norm: s for s in result.report.skipped}["bn"]
+    assert skip.reason == Reason.HOOKS_BETWEEN
+    assert set(skip.producer.replace(",", " +").split(" + ")) == {"conv_a", "conv_b"}
+    assert "bn" in norm_names(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)  # nothing changed
+
+
+def test_unhooked_no_op_inside_a_sum_still_folds() -> None:
+    result = _fuse(NoOpInside(nn.Identity()), torch.randn(2, 3, 8, 8))
+    assert [p.norm for p in result.report.fused] == ["bn"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -635,11 +639,12 @@ class CallsPartsDirectly(nn.Module):
 def test_pair_called_from_outside_its_traced_part_is_skipped() -> None:
     model = randomize_bn(CallsPartsDirectly()).eval()
     x = torch.randn(2, 3, 8, 8)
-    result = convfuse.fuse(model, x)
-    assert result.report.fused == []
-    assert _skipped(result)["block.bn"].reason == Reason.OUTSIDE_PART
-    unseen = convfuse.fuse(model, x, verify=False)  # the run that shows calls still happens
-    assert _skipped(unseen)["block.bn"].reason == Reason.OUTSIDE_PART
+    for verify in (True, False):
+        result = convfuse.fuse(model, x, verify=verify)
+        assert result.report.fused == []
+        skip = _skipped(result)["block.bn"]
+        assert skip.reason == Reason.REACHED  # read from the code, before anything runs
+        assert skip.detail == "CallsPartsDirectly.forward calls self.block.bn"
 
 
 class TwoInputsUntraceable(nn.Module):
@@ -659,7 +664,31 @@ def test_part_below_untraceable_code_without_inputs_is_skipped() -> None:
     model = randomize_bn(TwoInputsUntraceable()).eval()
     result = convfuse.fuse(model, convfuse.InputSpec(), verify=False)  # nothing can be run
     assert result.report.fused == []
-    assert _skipped(result)["block.bn"].reason == Reason.UNOBSERVED
+    skip = _skipped(result)["block.bn"]
+    assert (skip.reason, skip.detail) == (Reason.REACHED, "TwoInputsUntraceable.forward calls self.block.bn")
+
+
+class ByName(nn.Module):
+    """Untraceable code that takes its child's layers by name, through a function of another
+    package: reading the code cannot see which modules the strings name; the real run can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBN(3, 8)
+
+    def forward(self, x, z):
+        if x.sum() > -1e9:
+            conv, bn = operator.attrgetter("block.conv", "block.bn")(self)
+            return bn(conv(x) + 1.0), z
+        return self.block(x), z
+
+
+def test_calls_the_code_does_not_show_are_caught_by_the_real_run() -> None:
+    model = randomize_bn(ByName()).eval()
+    result = convfuse.fuse(model, (torch.randn(2, 3, 8, 8), torch.randn(2)))
+    assert _skipped(result)["block.bn"].reason == Reason.OUTSIDE_PART
+    unseen = convfuse.fuse(model, convfuse.InputSpec(), verify=False)  # two inputs: nothing can be run
+    assert _skipped(unseen)["block.bn"].reason == Reason.UNOBSERVED
 
 
 class InspectsItsChild(nn.Module):
@@ -704,3 +733,405 @@ def test_module_also_held_in_a_plain_list_is_skipped() -> None:
     for verify in (True, False):
         result = convfuse.fuse(model, x, verify=verify)
         assert _skipped(result)["bn"].reason == Reason.HELD_ELSEWHERE
+
+
+# -- issue 14: a module also held in a plain container, any kind and depth ---------------------
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _assert_same(model: nn.Module, fused: nn.Module, inputs: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """The fused model's outputs equal the original's, in ``dtype``, on every input given."""
+    model, fused = model.to(dtype), fused.to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        for x in inputs:
+            x = x.to(dtype)
+            expected, actual = model(x), fused(x)
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+class _Namespace:
+    """A plain object that keeps a reference."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.norm = norm
+
+
+# How a module keeps its norm besides the module tree, and how its forward takes it from there.
+HOLDERS = {
+    "underscore list": (lambda bn: [bn], lambda held: held[0]),
+    "tuple": (lambda bn: (bn,), lambda held: held[0]),
+    "dict": (lambda bn: {"bn": bn}, lambda held: held["bn"]),
+    "set": (lambda bn: {bn}, lambda held: next(iter(held))),
+    "nested list": (lambda bn: [[bn]], lambda held: held[0][0]),
+    "deep mix": (lambda bn: {"a": [(1, {"b": [bn]})]}, lambda held: held["a"][0][1]["b"][0]),
+    "dict key": (lambda bn: {bn: "norm"}, lambda held: next(iter(held))),
+    "plain object": (lambda bn: _Namespace(bn), lambda held: held.norm),
+    "object in a list": (lambda bn: [_Namespace(bn)], lambda held: held[0].norm),
+    "closure": (lambda bn: (lambda x: bn(x)), lambda held: held),
+    "bound method": (lambda bn: bn.__call__, lambda held: held),
+    "partial": (lambda bn: functools.partial(bn), lambda held: held),
+    "module outside the tree": (lambda bn: [nn.Sequential(bn)], lambda held: held[0]),
+}
+
+
+class HeldNorm(nn.Module):
+    """Its norm is also held in ``self._held`` (a plain attribute); ``via_container``: the forward
+    calls it from there (else through the module tree, and the container only keeps it)."""
+
+    def __init__(self, kind: str, via_container: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        make, self._take = HOLDERS[kind]
+        self._held = make(self.bn)
+        self.via_container = via_container
+
+    def forward(self, x):
+        norm = self._take(self._held) if self.via_container else self.bn
+        return norm(self.conv(x))
+
+
+# fx cannot trace a call through these (a bound method made before tracing, a module outside the tree)
+UNTRACEABLE_HOLDERS = {"bound method", "module outside the tree"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("via_container", [True, False], ids=["called from it", "only kept"])
+@pytest.mark.parametrize("kind", sorted(HOLDERS))
+def test_module_held_in_any_plain_container_is_skipped(kind: str, via_container: bool, dtype: torch.dtype) -> None:
+    model = randomize_bn(HeldNorm(kind, via_container)).eval().to(dtype)
+    x = torch.randn(2, 3, 8, 8)
+    original = copy.deepcopy(model)
+    result = convfuse.fuse(model, x.to(dtype), inplace=True)  # no copy to hide what the holder sees
+    untraced = via_container and kind in UNTRACEABLE_HOLDERS
+    _assert_skipped(result, "bn", Reason.NOT_TRACED if untraced else Reason.HELD_ELSEWHERE,
+                    producer=None if untraced else "conv")
+    _assert_same(original.eval(), result.model, [x, -x], dtype)
+
+
+class HeldWeight(nn.Module):
+    """A view of its conv's weight is kept in a plain list: a fold writes that storage in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self._weights = [self.conv.weight.detach()]
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + F.conv2d(x, self._weights[0], padding=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_held_in_a_plain_container_is_skipped(dtype: torch.dtype) -> None:
+    model = randomize_bn(HeldWeight()).eval().to(dtype)
+    model._weights = [model.conv.weight.detach()]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x.to(dtype))
+    # A copy would not share the storage, nor would the float64 reference run (it gives the
+    # parameters new storage); without them the fold would write into the list's tensor too.
+    result = convfuse.fuse(model, x.to(dtype), inplace=True, verify=False)
+    _assert_skipped(result, "bn", Reason.TENSOR_HELD_ELSEWHERE)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x.to(dtype)), expected, rtol=0, atol=0)
+
+
+# -- issue 14: hooks on a no-op module between the pair ----------------------------------------
+
+
+def _doubling_hook(module, args, output):
+    return output * 2 + 1
+
+
+def _doubling_pre_hook(module, args):
+    return (args[0] * 2 + 1,)
+
+
+NO_OPS = {
+    "identity": nn.Identity,
+    "dropout": lambda: nn.Dropout(0.3),
+    "dropout2d": lambda: nn.Dropout2d(0.3),
+    "alpha dropout": lambda: nn.AlphaDropout(0.3),
+    "feature alpha dropout": lambda: nn.FeatureAlphaDropout(0.3),
+}
+
+
+class HookedBetween(nn.Module):
+    """conv -> a no-op module (with hooks set by the test) -> bn."""
+
+    def __init__(self, no_op: str) -> None:
+        super().__init__()
+        self.conv, self.mid, self.bn = nn.Conv2d(3, 8, 3, padding=1), NO_OPS[no_op](), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.mid(self.conv(x)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+@pytest.mark.parametrize("no_op", sorted(NO_OPS))
+def test_hooked_no_op_between_the_pair_is_skipped(no_op: str, hook: str, dtype: torch.dtype) -> None:
+    model = randomize_bn(HookedBetween(no_op)).eval().to(dtype)
+    if hook == "forward":
+        model.mid.register_forward_hook(_doubling_hook)
+    else:
+        model.mid.register_forward_pre_hook(_doubling_pre_hook)
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x.to(dtype))
+    _assert_skipped(result, "bn", Reason.HOOKS_BETWEEN)
+    _assert_same(model, result.model, [x], dtype)
+
+
+class Block(nn.Module):
+    """Returns its conv's output: the norm after it is its parent's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class NormAfterBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.bn = Block(), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.block(x))
+
+
+def test_observing_hook_on_a_module_the_pair_crosses_is_skipped() -> None:
+    """fx traces through ``block``; its hook only records what it returns, so the outputs agree
+    either way, but after a fold it would record the normalised values."""
+    model = randomize_bn(NormAfterBlock()).eval()
+    seen: list[torch.Tensor] = []
+    model.block.register_forward_hook(lambda module, args, output: seen.append(output))
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x)
+    _assert_skipped(result, "bn", Reason.HOOKS_BETWEEN, producer="block.conv")
+    seen.clear()
+    with torch.no_grad():
+        model(x), result.model(x)
+    torch.testing.assert_close(seen[1], seen[0])
+
+
+class DoublingIdentity(nn.Identity):
+    """An nn.Identity subclass whose forward is not the identity, and does not trace."""
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return x * 2 + 1
+        return x
+
+
+def test_identity_subclass_with_its_own_forward_is_not_passed_through() -> None:
+    model = randomize_bn(HookedBetween("identity")).eval()
+    model.mid = DoublingIdentity()
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x)
+    _assert_skipped(result, "bn", Reason.NO_PRODUCER, producer=None)
+    _assert_same(model, result.model, [x], torch.float32)
+
+
+# -- issue 14: untraced code that reaches inside a part, on a branch the inputs do not take --------
+
+
+class Untaken(nn.Module):
+    """Untraceable; the example's positive inputs take the first branch; the second calls the
+    part's norm directly. Subclasses change the second branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ConvBN(3, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return self.other(x)
+
+    def other(self, x):
+        return self.a.bn(self.a.conv(x) * 2)
+
+
+class UntakenGetattr(Untaken):
+    def other(self, x):
+        name = "bn"
+        return getattr(self.a, f"{name}")(self.a(x))
+
+
+class UntakenChildren(Untaken):
+    def other(self, x):
+        for layer in self.a.children():
+            x = layer(x)
+        return x * 2
+
+
+class UntakenProperty(Untaken):
+    @property
+    def norm(self):
+        return self.a.bn
+
+    def other(self, x):
+        return self.norm(self.a(x))
+
+
+def _apply_norm(norm, x):
+    return norm(x)
+
+
+class UntakenHelperFunction(Untaken):
+    def other(self, x):
+        return _apply_norm(self.a.bn, self.a(x))
+
+
+class UntakenLambda(Untaken):
+    def other(self, x):
+        part = self.a
+        run = lambda y: part.bn(y)
+        return run(self.a(x))
+
+
+class UntakenReadsWeight(Untaken):
+    def other(self, x):
+        return self.a(x) * self.a.bn.weight.view(1, -1, 1, 1)
+
+
+class UntakenModules(Untaken):
+    def other(self, x):
+        norms = [m for m in self.a.modules() if isinstance(m, nn.BatchNorm2d)]
+        return norms[0](self.a(x))
+
+
+class PartWithHelper(ConvBN):
+    def norm_again(self, x):
+        return self.bn(x)
+
+
+class UntakenPartMethod(Untaken):
+    """Calls a method of the part itself, whose body uses the part's norm outside its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = PartWithHelper(3, 8)
+
+    def other(self, x):
+        return self.a.norm_again(self.a(x))
+
+
+UNTAKEN = {
+    "direct call": (Untaken, "Untaken.other calls self.a.bn", Reason.REACHED),
+    "getattr": (UntakenGetattr, "UntakenGetattr.other calls self.a.bn", Reason.REACHED),
+    "children": (UntakenChildren, "UntakenChildren.other calls self.a.bn", Reason.REACHED),
+    "property": (UntakenProperty, "UntakenProperty.other calls self.a.bn", Reason.REACHED),
+    "helper function": (UntakenHelperFunction, "_apply_norm calls a.bn", Reason.REACHED),
+    "lambda": (UntakenLambda, "UntakenLambda.other calls self.a.bn", Reason.REACHED),
+    "reads a weight": (UntakenReadsWeight, "UntakenReadsWeight.other reads self.a.bn.weight", Reason.DIRECT_ACCESS),
+    "modules()": (UntakenModules, "UntakenModules.other calls self.a.bn", Reason.REACHED),
+    "part's method": (UntakenPartMethod, "PartWithHelper.norm_again calls self.bn", Reason.REACHED),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(UNTAKEN))
+def test_untraced_branch_the_inputs_do_not_take_is_read(case: str, dtype: torch.dtype) -> None:
+    cls, detail, reason = UNTAKEN[case]
+    model = randomize_bn(cls()).eval().to(dtype)
+    x = torch.randn(2, 3, 8, 8).abs()  # takes the first branch only
+    result = convfuse.fuse(model, x.to(dtype))
+    skip = _skipped(result)["a.bn"]
+    assert (skip.reason, skip.detail) == (reason, detail)
+    assert "a.bn" in norm_names(result.model)
+    _assert_same(model, result.model, [x, -x], dtype)  # -x takes the other branch
+
+
+class Unreadable(Untaken):
+    """Its forward is defined by exec: there is no source to read."""
+
+
+exec("def _forward(self, x):\n    return self.a(x) if x.sum() > 0 else self.a.bn(self.a.conv(x) * 2)", globals())  # noqa: S102
+Unreadable.forward = _forward  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_untraced_code_without_source_is_skipped() -> None:
+    model = randomize_bn(Unreadable()).eval()
+    x = torch.randn(2, 3, 8, 8).abs()
+    result = convfuse.fuse(model, x)
+    skip = _skipped(result)["a.bn"]
+    assert skip.reason == Reason.NO_SOURCE
+    assert skip.detail == "_forward has no source to read"
+    _assert_same(model, result.model, [x, -x], torch.float32)
+
+
+# -- the uses that stay safe ----------------------------------------------------------------------
+
+
+class Layer(ConvBN):
+    """A layer of a model list with plain data attributes, as ultralytics' modules have."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(8, 8)
+        self.i, self.f, self.type = index, -1 if index != 2 else 0, "Layer"
+
+
+class SafeUses(nn.Module):
+    """Untraceable code that only calls its parts whole, iterates a list of them, reads their data
+    attributes and parameter metadata, compares and inspects them: every pair folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.layers = nn.Sequential(*(Layer(i) for i in range(3)))
+        self.save = [0]
+
+    def forward(self, x):
+        device = next(self.parameters()).device
+        x = self.stem(x.to(device))
+        outputs = []
+        for m in self.layers:
+            if m.f != -1:
+                x = outputs[m.f]
+            if isinstance(m, Layer) and m is not self.layers[-1] or x.sum() > 0:
+                x = m(x)
+            else:
+                x = m(x) * 2
+            outputs.append(x if m.i in self.save else None)
+        return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parts_called_whole_or_iterated_are_folded(dtype: torch.dtype) -> None:
+    model = randomize_bn(SafeUses()).eval().to(dtype)
+    x = torch.randn(2, 3, 8, 8)
+    result = convfuse.fuse(model, x.to(dtype))
+    assert result.report.skipped == []
+    assert norm_names(result.model) == set()
+    assert [u.module for u in result.report.untraced] == ["(model)"]
+    _assert_same(model, result.model, [x, -x], dtype)
+
+
+# -- issue 14: a Linear + BatchNorm1d pair never run --------------------------------------------
+
+
+class NeverRunHead(nn.Module):
+    """The head (a part below untraceable code) runs only for 5-channel inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ConvBN(3, 8)
+        self.head = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        y = self.body(x)
+        if x.shape[1] == 5 and x.sum() > 0:
+            return self.head(y.mean((2, 3)))
+        return y
+
+
+def test_pair_in_a_part_never_run_is_reported_as_never_called() -> None:
+    result = _fuse(NeverRunHead(), _x())
+    assert _fused(result) == {("body.conv", "body.bn")}
+    _assert_skipped(result, "head.1", Reason.NOT_CALLED, producer="head.0")
