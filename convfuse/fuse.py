@@ -37,7 +37,7 @@ from convfuse.patterns import (
 from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.reparam import plan_merges
 from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
-from convfuse.tracing import Tracing, trace_model
+from convfuse.graphs.tracing import Tracing, trace_model
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
 

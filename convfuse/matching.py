@@ -29,7 +29,7 @@ from convfuse.patterns import (
     is_producer,
     own_hooks,
 )
-from convfuse.tracing import TracedGraph
+from convfuse.graphs.tracing import TracedGraph
 
 __all__ = ["find_matches", "is_add", "real_users", "sum_terms", "through_identities"]
 

@@ -24,7 +24,7 @@ from convfuse.matching import is_add, real_users, sum_terms, through_identities
 from convfuse.norms import NormNotFoldable, analyse_norm, as_sequence, as_step
 from convfuse.patterns import PATTERNS, Observation, has_hooks, is_norm, is_producer, overrides_forward
 from convfuse.proofs import Stats, norm_proven
-from convfuse.tracing import trace_model
+from convfuse.graphs.tracing import trace_model
 
 __all__ = ["Merge", "plan_merges"]
 

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from convfuse import progress
 from convfuse.patterns import Skipped
-from convfuse.tracing import Untraced
+from convfuse.graphs.tracing import Untraced
 from convfuse.verify import Verification
 
 __all__ = ["Checkpoint", "Count", "FusedPair", "FuseReport", "Merged", "Replaced", "Strict", "timed"]

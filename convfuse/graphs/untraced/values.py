@@ -1,4 +1,4 @@
-"""The values convfuse's code reader (``convfuse.callers``) computes with: what an expression may be.
+"""The values convfuse's code reader (``convfuse.graphs.untraced``) computes with: what an expression may be.
 
 An expression of the code being read evaluates to a frozenset of these, everything it may be at run
 time. ``DATA`` stands for any value that holds none of the model's modules (an activation, a
@@ -132,7 +132,7 @@ class Nested:
     """A function or lambda defined inside the code being read (it sees that code's names)."""
 
     node: ast.AST
-    scope: Any  # the callers._Scope of the code that defines it
+    scope: Any  # the frames.Scope of the code that defines it
     func: Known  # the function whose code defines it (globals, display name)
     self_values: frozenset
     defining: type | None

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from convfuse.callers import CodeUse, Reader
 from convfuse.errors import first_line
+from convfuse.graphs.untraced import CodeUse, Reader
 
 __all__ = ["TracedGraph", "Tracing", "Untraced", "trace_model"]
 
@@ -93,7 +93,7 @@ def trace_model(model: nn.Module, keep: Callable[[nn.Module], bool]) -> Tracing:
     Modules for which ``keep(module)`` is true stay single ``call_module`` nodes. When a
     child's forward fails to trace inside its parent, the child becomes a leaf of the parent's
     graph and is traced on its own; when a module's own forward fails, its code is read
-    (``convfuse.callers``) and each of its children is traced on its own. An ``nn.Sequential``
+    (``convfuse.graphs.untraced``) and each of its children is traced on its own. An ``nn.Sequential``
     whose elements that code calls one by one (``for m in self.model: x = m(x)``) is not one part:
     its elements are. Never raises for a tracing failure: the module and the reason are
     returned in ``Tracing.untraced``.
