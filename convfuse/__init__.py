@@ -13,10 +13,10 @@ from convfuse.errors import (
     UsageError,
     VerificationError,
 )
+from convfuse.files import Loaded, load, load_file, save
 from convfuse.fuse import FuseResult, fuse
 from convfuse.patterns import Reason, Skipped
 from convfuse.report import FusedPair, FuseReport
-from convfuse.serialization import load, save
 from convfuse.structure import apply_fused_structure
 from convfuse.verify import InputSpec, Verification
 
@@ -31,6 +31,7 @@ __all__ = [
     "InputError",
     "InputSpec",
     "LoadError",
+    "Loaded",
     "Reason",
     "SaveError",
     "Skipped",
@@ -44,5 +45,6 @@ __all__ = [
     "apply_fused_structure",
     "fuse",
     "load",
+    "load_file",
     "save",
 ]

@@ -28,7 +28,7 @@ from convfuse.errors import CheckFailed, ConvfuseError, StrictError, TrainingMod
 from convfuse.report import Checkpoint, FuseReport, Strict, timed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from convfuse.checkpoints import Loaded
+    from convfuse.files import Loaded
 
 app = typer.Typer(
     add_completion=False,
@@ -215,7 +215,8 @@ def _console(stream: Any) -> Console:
 
 
 def _main(options: dict[str, Any], out: Console) -> None:
-    from convfuse import serialization
+    from convfuse import files
+    from convfuse.files.formats import check_format
     from convfuse.fuse import fuse
     from convfuse.verify import InputSpec
 
@@ -231,8 +232,8 @@ def _main(options: dict[str, Any], out: Console) -> None:
     shapes = tuple(parse_shape(s) for s in options["input_shape"] or ())
     dtype = _dtype(options["dtype"])
     output_format = options["format"]
-    if output_format is not None and output_format not in serialization.FORMATS:
-        raise UsageError(f"--format {output_format}: use one of {', '.join(serialization.FORMATS)}")
+    if output_format is not None and output_format not in files.FORMATS:
+        raise UsageError(f"--format {output_format}: use one of {', '.join(files.FORMATS)}")
     for name in ("atol", "rtol"):
         if options[name] is not None and options[name] < 0:
             raise UsageError(f"--{name} must not be negative")
@@ -240,13 +241,13 @@ def _main(options: dict[str, Any], out: Console) -> None:
     if writing:
         if source is not None and _same_file(source, target) and not options["overwrite_input"]:
             raise UsageError(f"{target}: is the input file; choose another output, or pass --overwrite-input")
-        serialization.output_format(target, output_format)  # a name convfuse does not write: before any work
-        serialization.check_writable(target)
+        files.output_format(target, output_format)  # a name convfuse does not write: before any work
+        files.check_writable(target)
     if options["report"] is not None:
         for other, role in ((source, "input model"), (target, "output model")):
             if other is not None and _same_file(options["report"], other):
                 raise UsageError(f"--report {options['report']}: is the {role} file; choose another report path")
-        serialization.check_writable(options["report"])
+        files.check_writable(options["report"])
 
     timings: dict[str, float] = {}
     shown = None if quiet else _Progress(out)
@@ -256,8 +257,8 @@ def _main(options: dict[str, Any], out: Console) -> None:
             loaded = _load(source, options)
         model = loaded.model
         if writing:
-            output_format = serialization.output_format(target, output_format, loaded.format)
-            serialization.check_format(model, output_format)
+            output_format = files.output_format(target, output_format, loaded.format)
+            check_format(model, output_format)
         if options["device"]:
             model = _to_device(model, options["device"])
         if getattr(model, "training", False):
@@ -286,7 +287,7 @@ def _main(options: dict[str, Any], out: Console) -> None:
                     )
             if writing:
                 with timed(timings, "save"):
-                    serialization.save(result.model, target, format=output_format,
+                    files.save(result.model, target, format=output_format,
                                        example_inputs=result.example_inputs, like=loaded)
                 report.written = str(target)
         except CheckFailed as error:
@@ -301,19 +302,15 @@ def _main(options: dict[str, Any], out: Console) -> None:
 
 def _load(source: Path | None, options: dict[str, Any]) -> Loaded:
     """The input's model, and where in the file it lay."""
-    from convfuse import checkpoints, serialization
+    from convfuse import files
+    from convfuse.files.architectures import build_arch
 
     if source is None:  # the demo: fresh weights, BatchNorm statistics drawn as trained ones would be
         from convfuse.testing import randomize_bn
 
-        return checkpoints.Loaded(randomize_bn(serialization.build_arch(options["arch"])))
-    input_format = serialization.detect_format(source)
+        return files.Loaded(randomize_bn(build_arch(options["arch"])))
     allow = [name for value in options["allow"] or () for name in value.replace(",", " ").split()]
-    with checkpoints.recording() as seen:
-        model = serialization.load(
-            source, arch=options["arch"], trust=options["trust"], allow=allow, prefix=options["prefix"]
-        )
-    return seen.result(model, input_format)
+    return files.load_file(source, arch=options["arch"], trust=options["trust"], allow=allow, prefix=options["prefix"])
 
 
 def _describe(report: FuseReport, model: Any, loaded: Loaded) -> None:
@@ -339,7 +336,7 @@ def _finish(
 ) -> None:
     report.timings = {"load": timings["load"], **report.timings, **({"save": timings["save"]} if "save" in timings else {})}
     if options["report"] is not None:
-        from convfuse.serialization import write_text
+        from convfuse.files import write_text
 
         write_text(options["report"], json.dumps(report.to_dict(), indent=2) + "\n")
     if not quiet:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError, VerificationError
 from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.graphs.tracing import Tracing, trace_model
 from convfuse.inputs import candidate_batches
 from convfuse.matching import find_matches
 from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
@@ -37,7 +38,6 @@ from convfuse.patterns import (
 from convfuse.proofs import Stats, norm_proven, producer_proven
 from convfuse.reparam import plan_merges
 from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
-from convfuse.graphs.tracing import Tracing, trace_model
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from convfuse.graphs.tracing import TracedGraph
 from convfuse.patterns import (
     Combine,
     Match,
@@ -29,7 +30,6 @@ from convfuse.patterns import (
     is_producer,
     own_hooks,
 )
-from convfuse.graphs.tracing import TracedGraph
 
 __all__ = ["find_matches", "is_add", "real_users", "sum_terms", "through_identities"]
 

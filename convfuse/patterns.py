@@ -16,9 +16,9 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from convfuse.graphs.untraced import READ, UNREADABLE, CodeUse, first_reach
 from convfuse.graphs.held import held_objects, module_contents
 from convfuse.graphs.tracing import TracedGraph
+from convfuse.graphs.untraced import READ, UNREADABLE, CodeUse, first_reach
 
 try:  # detection backbones use torchvision's frozen BatchNorm
     from torchvision.ops.misc import FrozenBatchNorm2d

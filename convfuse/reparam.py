@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from convfuse.folding import bn_scale_shift, fuse_conv_bn_weights
+from convfuse.graphs.tracing import trace_model
 from convfuse.matching import is_add, real_users, sum_terms, through_identities
 from convfuse.norms import NormNotFoldable, analyse_norm, as_sequence, as_step
 from convfuse.patterns import PATTERNS, Observation, has_hooks, is_norm, is_producer, overrides_forward
 from convfuse.proofs import Stats, norm_proven
-from convfuse.graphs.tracing import trace_model
 
 __all__ = ["Merge", "plan_merges"]
 

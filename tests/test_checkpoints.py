@@ -26,8 +26,8 @@ from convfuse.errors import UsageError
 from convfuse.structure import describe_structure
 from tests.conftest import norm_names, randomize_bn
 from tests.models import TinyNet
-from tests.test_cli import assert_one_line_error, invoke
 from tests.test_beyond_pairs import ConcatOfBranches, RepNet, SumOfBranches
+from tests.test_cli import assert_one_line_error, invoke
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

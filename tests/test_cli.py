@@ -232,7 +232,7 @@ def test_torchscript_output(tmp_path):
     result = invoke(source, "-o", target, "--input-shape", SHAPE, "--format", "torchscript")
 
     assert result.exit_code == 0, result.output
-    assert convfuse.serialization.detect_format(target) == "torchscript"
+    assert convfuse.files.detect_format(target) == "torchscript"
     fused = convfuse.load(target, trust=True)
     assert isinstance(fused, torch.jit.ScriptModule)
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16))
@@ -246,7 +246,7 @@ def test_pt2_output_is_an_exported_program(tmp_path):
     result = invoke(source, "-o", target, "--input-shape", SHAPE)
 
     assert result.exit_code == 0, result.output
-    assert convfuse.serialization.detect_format(target) == "exported"
+    assert convfuse.files.detect_format(target) == "exported"
     fused = convfuse.load(target, allow=ALLOW)
     assert isinstance(fused, torch.export.ExportedProgram)
     assert_same_outputs(original, fused.module(), torch.randn(1, 3, 16, 16))
@@ -261,7 +261,7 @@ def test_torchscript_input_gives_a_torchscript_output(tmp_path):
     result = invoke(source, "-o", target, "--input-shape", SHAPE, "--input-shape", "1,2,16,16", "--trust")
 
     assert result.exit_code == 0, result.output
-    assert convfuse.serialization.detect_format(target) == "torchscript"
+    assert convfuse.files.detect_format(target) == "torchscript"
     fused = convfuse.load(target, trust=True)
     assert isinstance(fused, torch.jit.ScriptModule)
     assert_same_outputs(original, fused, torch.randn(1, 3, 16, 16), torch.randn(1, 2, 16, 16))
@@ -818,7 +818,7 @@ def test_output_names_choose_the_format(tmp_path, name, fmt):
     source = tiny_file(tmp_path)
     result = invoke(source, "-o", tmp_path / name, "--input-shape", SHAPE, "-q")
     assert result.exit_code == 0, result.output
-    assert convfuse.serialization.detect_format(tmp_path / name) == fmt
+    assert convfuse.files.detect_format(tmp_path / name) == fmt
 
 
 MAIN_SCRIPT = """

@@ -265,7 +265,7 @@ def test_cli_pickle_to_exported(tmp_path):
     result = invoke(source, "-o", target, "--input-shape", ",".join(map(str, SMALL_INPUT)))
 
     assert result.exit_code == 0, result.output
-    assert convfuse.serialization.detect_format(target) == "exported"
+    assert convfuse.files.detect_format(target) == "exported"
     fused = torch.export.load(target)
     assert exported_norms(fused) == []
     x = torch.randn(SMALL_INPUT)

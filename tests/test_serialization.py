@@ -17,9 +17,8 @@ import torchvision
 from torch import nn
 
 import convfuse
-from convfuse import serialization
 from convfuse.errors import LoadError, SaveError, UnsafeFileError, UsageError
-from convfuse.serialization import detect_format
+from convfuse.files import detect_format, writing
 from tests.conftest import randomize_bn
 from tests.models import ReflectNet, TinyNet, TinyNetWithSettings, TwoInputNet
 
@@ -534,7 +533,7 @@ def test_save_writes_a_temporary_file_beside_the_target_then_renames(tmp_path, m
         assert target.read_bytes() == b"old"  # the target is untouched until the rename
         real_replace(src, dst)
 
-    monkeypatch.setattr(serialization.os, "replace", replace)
+    monkeypatch.setattr(writing.os, "replace", replace)
     convfuse.save(tiny(), target)
 
     assert len(calls) == 1
@@ -574,7 +573,7 @@ def test_failed_rename_leaves_nothing_behind(tmp_path, monkeypatch):
     def replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(serialization.os, "replace", replace)
+    monkeypatch.setattr(writing.os, "replace", replace)
     with pytest.raises(SaveError, match="No space left"):
         convfuse.save(tiny(), target)
     assert files_in(tmp_path) == []

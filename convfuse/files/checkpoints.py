@@ -22,46 +22,28 @@ its place, so the framework's own loader takes the output.
 
 from __future__ import annotations
 
-import copy
-import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from convfuse.architectures import build_arch, timm_alternative
-from convfuse.errors import LoadError, SaveError, UsageError
-
-__all__ = [
-    "Loaded",
-    "MODULE_KEYS",
-    "STATE_DICT_KEYS",
-    "find_model",
-    "framework_layout",
-    "is_safetensors",
-    "pack",
-    "read_safetensors",
-    "recording",
-    "safetensors_bytes",
-    "weights_of",
-]
+from convfuse.errors import LoadError, UsageError
+from convfuse.files.architectures import build_arch, timm_alternative
+from convfuse.files.safetensors import safetensors_metadata
 
 MODULE_KEYS = ("ema", "model", "module", "net")
 """Keys under which checkpoints hold a whole module, in the order ultralytics' loader takes them."""
 
+
 STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model_state_dict", "model", "module", "net", "ema")
 """Keys under which checkpoints hold a state_dict; EMA weights first, as timm's loader takes them."""
 
+
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 """Key prefixes of wrappers: DataParallel/DDP, torch.compile, a LightningModule's ``self.model``."""
-
-_SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 @dataclass
@@ -102,7 +84,7 @@ def find_model(
         UsageError: a state_dict without ``arch``, ``arch`` or ``prefix`` for a whole model.
         LoadError: no model in it (the message lists the keys seen), or weights that do not fit ``arch``.
     """
-    metadata = _safetensors_metadata(path) if fmt == "safetensors" else None
+    metadata = safetensors_metadata(path) if fmt == "safetensors" else None
     if isinstance(obj, nn.Module):
         _check_module_options(path, arch, prefix)
         found = Loaded(obj, fmt)
@@ -112,7 +94,6 @@ def find_model(
         found = _filled(path, obj, arch, prefix, Loaded(None, fmt, stored="state_dict", metadata=metadata))
     else:
         found = _in_container(path, obj, arch, prefix, fmt)
-    _record(found)
     return found
 
 
@@ -258,206 +239,3 @@ def _first_parts(state: Mapping[str, Any]) -> str:
 def _some(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
-
-
-# -- remembering where the model was found ----------------------------------------------
-
-
-@dataclass
-class Recording:
-    """Where the model of the file loaded inside :func:`recording` was found."""
-
-    found: Loaded | None = None
-
-    def result(self, model: Any, fmt: str) -> Loaded:
-        """The record for ``model`` as loaded: the container it came from, or the model alone."""
-        if self.found is not None and self.found.model is model:
-            return self.found
-        return Loaded(model, fmt)
-
-
-_RECORDING: ContextVar[Recording | None] = ContextVar("convfuse_checkpoint_recording", default=None)
-
-
-@contextmanager
-def recording() -> Iterator[Recording]:
-    """Remember where ``serialization.load`` found the model, for writing the fused one back there::
-
-        with recording() as seen:
-            model = serialization.load(path, arch=arch)
-        loaded = seen.result(model, fmt)
-
-    A model class defined in the script that saved the file (``__main__``) cannot be found by any
-    loader, ``--trust`` included; that error gets the way out added.
-    """
-    seen = Recording()
-    token = _RECORDING.set(seen)
-    try:
-        yield seen
-    except LoadError as error:
-        if _names_main(error):
-            raise LoadError(f"{error}; {_MAIN_HINT}") from error
-        raise
-    finally:
-        _RECORDING.reset(token)
-
-
-_MAIN_HINT = (
-    "the model's class was defined in the script that saved it (__main__), where no other program can find it: "
-    "move the class into a module, make that importable (PYTHONPATH=. for this folder) and save the model again, "
-    "or save its state_dict and use --arch module:factory"
-)
-
-
-def _names_main(error: LoadError) -> bool:
-    """torch's full unpickler looking up a class in the running program's ``__main__``."""
-    return isinstance(error.__cause__, AttributeError) and "__main__" in str(error.__cause__)
-
-
-def _record(found: Loaded) -> None:
-    seen = _RECORDING.get()
-    if seen is not None:
-        seen.found = found
-
-
-# -- writing it back --------------------------------------------------------------------
-
-
-def pack(like: Loaded | None, model: nn.Module) -> Any:
-    """What ``torch.save`` writes for the fused ``model``: the container it was read from with the
-    model (or its state_dict, under the same key prefix) in its place, every other key kept; the
-    model itself where the file held no container."""
-    if like is None or like.container is None:
-        return model
-    container = copy.copy(like.container)
-    if like.stored == "module":
-        container[like.key] = model
-    else:
-        container[like.key] = {**weights_of(model, like.prefix), **like.rest}
-    return container
-
-
-def weights_of(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
-    """The fused model's state_dict, its keys under ``prefix``."""
-    return {f"{prefix}{key}": value for key, value in model.state_dict().items()}
-
-
-def safetensors_bytes(model: nn.Module, like: Loaded | None) -> bytes:
-    """The fused weights as a safetensors file (the input's key prefix, other entries and metadata kept)."""
-    from safetensors.torch import save
-
-    prefix, rest, metadata = ("", {}, None) if like is None else (like.prefix, like.rest, like.metadata)
-    tensors = {**weights_of(model, prefix), **rest}
-    return save(_unshared(tensors), metadata=metadata)
-
-
-def _unshared(tensors: dict[str, Any]) -> dict[str, Tensor]:
-    """Contiguous tensors with no storage shared (safetensors refuses aliases, e.g. tied weights)."""
-    result: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise SaveError(f"the state_dict entry {key} is a {type(value).__name__}; safetensors holds tensors only")
-        tensor = value.detach().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            tensor = tensor.clone()
-        seen.add(pointer)
-        result[key] = tensor
-    return result
-
-
-@contextmanager
-def framework_layout(model: Any) -> Iterator[None]:
-    """While saving: ultralytics' own layout of a fused block, so that its loader takes the file.
-
-    ultralytics' loaders run ``model.fuse()``, which folds ``m.bn`` into ``m.conv`` for every block
-    that still has a ``bn``: on a convfuse ``nn.Identity`` that fails. A block ultralytics fused
-    itself has no ``bn`` and calls ``forward_fuse``; that is written instead for each block where
-    convfuse folded the norm and where a probe shows the two compute the same, bit for bit.
-    The model in memory is restored afterwards.
-    """
-    changed = [c for c in map(_use_forward_fuse, _ultralytics_blocks(model)) if c is not None]
-    try:
-        yield
-    finally:
-        for block, norm in changed:
-            del block.forward
-            block._modules["bn"] = norm
-
-
-def _ultralytics_blocks(model: Any) -> list[nn.Module]:
-    if not isinstance(model, nn.Module) or not type(model).__module__.startswith("ultralytics."):
-        return []
-    return [
-        m for m in model.modules()
-        if type(m._modules.get("bn")) is nn.Identity and callable(getattr(type(m), "forward_fuse", None))
-        and "forward" not in vars(m)
-    ]
-
-
-def _use_forward_fuse(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    conv = next((m for m in block.children() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if conv is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    shape = (2, conv.in_channels, *([8] * (conv.weight.dim() - 2)))
-    probe = torch.randn(shape, generator=generator, dtype=torch.float64).to(conv.weight.dtype).to(conv.weight.device)
-    norm = block._modules["bn"]
-    with torch.no_grad():
-        try:
-            expected = block(probe)
-        except Exception:
-            return None
-        del block._modules["bn"]
-        block.forward = block.forward_fuse
-        try:
-            same = torch.equal(block(probe), expected)
-        except Exception:
-            same = False
-    if not same:
-        del block.forward
-        block._modules["bn"] = norm
-        return None
-    return block, norm
-
-
-# -- safetensors ------------------------------------------------------------------------
-
-
-def is_safetensors(path: Path) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    if len(head) < 9:
-        return False
-    length = int.from_bytes(head[:8], "little")
-    return 2 <= length <= min(size - 8, _SAFETENSORS_HEADER_LIMIT) and head[8:9] == b"{"
-
-
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file (on the CPU); LoadError if it is damaged."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError as error:  # pragma: no cover - a dependency
-        raise LoadError(f"{path}: a safetensors file; install the safetensors package to read it") from error
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as error:
-        raise LoadError(f"{path}: the safetensors file is damaged or truncated ({type(error).__name__}: {error})") from error
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str] | None:
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            return None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(metadata) if isinstance(metadata, dict) else None
-
