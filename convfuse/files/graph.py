@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,6 +174,8 @@ class _Walker:
             elif key == "_non_persistent_buffers_set":
                 if not isinstance(value, set) or not all(isinstance(k, str) for k in value):
                     raise Refused(f"{where}: holds a {type(value).__name__}, not a set of buffer names")
+            elif key == "_flat_weight_refs" and isinstance(module, nn.RNNBase):
+                _check_weight_refs(value, attributes.get("_flat_weights"), where)
             elif key in ("training", "_is_full_backward_hook"):
                 if not isinstance(value, (bool, type(None))):
                     raise Refused(f"{where}: holds a {type(value).__name__}, not a flag")
@@ -212,3 +215,13 @@ class _Walker:
                     f"{path}: a {type(module).__qualname__} module kept outside the module tree "
                     "(not a registered submodule), which convfuse could neither check nor rewrite"
                 )
+
+
+def _check_weight_refs(refs: Any, weights: Any, where: _Path) -> None:
+    """An RNN's weak references to its ``_flat_weights``, which its ``__setstate__`` makes (a file
+    cannot name weakref): each must point at the weight in its place, or be None where that is."""
+    if type(refs) is not list or type(weights) is not list or len(refs) != len(weights) or any(
+        (ref is not None or weight is not None) and not (type(ref) is weakref.ref and ref() is weight)
+        for ref, weight in zip(refs, weights)
+    ):
+        raise Refused(f"{where}: holds something other than references to the RNN's own weights")
