@@ -582,3 +582,25 @@ def rnn_hidden_size(path: Path, marker: Path) -> Path:
     initial hidden state by the claim."""
     torch.save({"model": _rnn(nn.GRU(4, 8), hidden_size=2**31)}, path)
     return path
+
+
+def numpy_object_array(path: Path, marker: Path) -> Path:
+    """A Marker module (outside the module tree) and a class held inside a numpy array of objects,
+    where a walk of the object graph that treats numpy arrays as data never looks."""
+    import numpy as np
+
+    hidden = Marker.__new__(Marker)
+    nn.Module.__init__(hidden)
+    held = np.empty(2, dtype=object)
+    held[0], held[1] = hidden, Marker
+    torch.save({"model": tiny(), "extra": held}, path)
+    return path
+
+
+def shadowed_parameter(path: Path, marker: Path) -> Path:
+    """A Linear whose ``weight`` is a parameter and also a buffer: its forward uses the parameter,
+    its state_dict (a state_dict or safetensors output of it) the buffer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 5)).eval()
+    model[3]._buffers["weight"] = torch.zeros_like(model[3].weight)
+    torch.save(model, path)
+    return path

@@ -115,6 +115,9 @@ ROUTES = {
     "allocation-by-argument": Route(attacks.allocation_by_argument, "bytearray of a size", runs=False),
     "numpy-array-of-any-shape": Route(attacks.numpy_array_of_any_shape, "numpy.ndarray", runs=False),
     "a-class-as-a-value": Route(attacks.a_class_as_a_value, "as a value", runs=lambda m: m.factory(os.environ[MARKER_ENV])),
+    "numpy-object-array": Route(attacks.numpy_object_array, "numpy array of Python objects", runs=False),
+    "shadowed-parameter": Route(attacks.shadowed_parameter, "both in _parameters and in _buffers", allow=(),
+                                runs=False),
     # 4. the reader and the load must read the same bytes
     "legacy-with-a-zip-decoy": Route(attacks.legacy_with_a_zip_decoy, "constructor of tests.models.Recorder"),
     # 5. TorchScript is code
@@ -790,3 +793,15 @@ def test_rnns_torch_writes_still_load(tmp_path, make):
     loaded = convfuse.load(tmp_path / "m.pt")
     inputs = torch.randn(3, 2, 4)
     assert torch.equal(loaded(inputs)[0], rnn(inputs)[0])
+
+
+def test_a_name_in_two_of_a_modules_dicts_would_write_other_weights(tmp_path):
+    """The control for shadowed-parameter: the forward uses the parameter, the state_dict (what a
+    safetensors output is written from) the buffer, so a verified fuse would write other weights."""
+    path = attacks.shadowed_parameter(tmp_path / "m.pt", tmp_path / "unused")
+    model = torch.load(path, weights_only=False)
+    assert not torch.equal(model.state_dict()["3.weight"], model[3].weight)
+    result = runner.invoke(app, [str(path), "-o", str(tmp_path / "f.safetensors"), "--input-shape", "1,3,16,16"],
+                           env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": None})
+    assert result.exit_code == 2 and "both in _parameters and in _buffers" in result.stderr
+    assert not (tmp_path / "f.safetensors").exists()

@@ -33,6 +33,7 @@ _HOOK_DICTS = frozenset(("_forward_hooks", "_forward_pre_hooks", "_backward_hook
                          "_load_state_dict_post_hooks"))
 _HOOK_FLAGS = frozenset(("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                          "_forward_pre_hooks_with_kwargs"))
+_BOOKKEEPING = frozenset(vars(nn.Module()))
 _PLAIN = (str, bytes, bytearray, int, float, bool, complex, type(None), slice, range)
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme, torch.device, torch.Size,
                  torch.storage.TypedStorage, torch.storage.UntypedStorage)
@@ -130,6 +131,9 @@ class _Walker:
         if admitted is not None or callable(value) and not self.policy.kind_of(type(value)):
             what = admitted.name if admitted is not None else type(value).__qualname__
             raise Refused(f"{path}: holds {what} as a value, which installed code could call")
+        if type(value).__module__.split(".")[0] == "numpy":  # numpy's own types: what an object array
+            if getattr(getattr(value, "dtype", value), "hasobject", False):  # holds is out of the walk's sight
+                raise Refused(f"{path}: holds a numpy array of Python objects, which convfuse does not admit")
         if (
             isinstance(value, torch.Tensor)
             or self.policy.kind_of(type(value)) in (Kind.DATA, Kind.INERT)
@@ -152,6 +156,7 @@ class _Walker:
     def _module(self, module: nn.Module, path: _Path, depth: int) -> list[Item]:
         attributes = object.__getattribute__(module, "__dict__")
         cls = type(module)
+        _check_unique_names(attributes, path)
         children: list[Item] = []
         for key, value in attributes.items():
             where = path.attr(key)
@@ -225,3 +230,24 @@ def _check_weight_refs(refs: Any, weights: Any, where: _Path) -> None:
         for ref, weight in zip(refs, weights)
     ):
         raise Refused(f"{where}: holds something other than references to the RNN's own weights")
+
+
+_SLOT_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _check_unique_names(attributes: dict, path: _Path) -> None:
+    """Refused where one name is in two of a module's parameters, buffers, submodules and plain
+    attributes (nn.Module's own ``__setattr__`` never leaves it so): its forward would use one,
+    its ``state_dict`` (what a state_dict or safetensors output holds) another."""
+    seen: dict[str, str] = {}
+    places = [(key, "attribute") for key in attributes if key not in _BOOKKEEPING]
+    for slot in _SLOT_DICTS:
+        value = attributes.get(slot)
+        if isinstance(value, dict):
+            places += [(key, slot) for key in value if isinstance(key, str)]
+    for key, place in places:
+        if seen.setdefault(key, place) != place:
+            raise Refused(
+                f"{path}: {key!r} is both in {seen[key]} and in {place}: forward would use one, the "
+                "state_dict the other"
+            )
