@@ -805,3 +805,19 @@ def test_a_name_in_two_of_a_modules_dicts_would_write_other_weights(tmp_path):
                            env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": None})
     assert result.exit_code == 2 and "both in _parameters and in _buffers" in result.stderr
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_allow_of_a_module_admits_that_module_only(tmp_path):
+    """--allow tests.models trusts tests.models (and modules below it), not all of tests, and no
+    package whose name merely starts the same (tests_evil)."""
+    torch.save(randomize_bn(TinyNet()).eval(), tmp_path / "m.pt")
+    assert type(convfuse.load(tmp_path / "m.pt", allow=["tests.models"])) is TinyNet
+    attacks.constructor_call(tmp_path / "c.pt", tmp_path / "marker")
+    with pytest.raises(UnsafeFileError, match="tests.attacks.Reduces|not in the allowed packages"):
+        convfuse.load(tmp_path / "c.pt", allow=["tests.model"])
+    from convfuse.files.trust import Policy
+
+    policy = Policy(["tests.models", "torch_evil"])
+    assert policy.allowed("tests.models") and policy.allowed("tests.models.sub") and policy.allowed("torch_evil.x")
+    assert not policy.allowed("tests") and not policy.allowed("tests.attacks") and not policy.allowed("tests_models")
+    assert not Policy().allowed("torchvision2") and not Policy().allowed("torch_evil")
