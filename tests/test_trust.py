@@ -821,3 +821,20 @@ def test_allow_of_a_module_admits_that_module_only(tmp_path):
     assert policy.allowed("tests.models") and policy.allowed("tests.models.sub") and policy.allowed("torch_evil.x")
     assert not policy.allowed("tests") and not policy.allowed("tests.attacks") and not policy.allowed("tests_models")
     assert not Policy().allowed("torchvision2") and not Policy().allowed("torch_evil")
+
+
+def test_bytes_decode_only_as_pickle_writes_them(tmp_path):
+    """pickle writes bytes (protocol 2) as _codecs.encode(text, "latin1"); another codec name would
+    make the codec machinery import the module of that name."""
+    import _codecs
+    import sys as system
+
+    data = b"\x00\xffbytes"
+    torch.save({"state_dict": TinyNet().state_dict(), "raw": data}, tmp_path / "ok.pt", pickle_protocol=2)
+    assert convfuse.load(tmp_path / "ok.pt", arch="tests.models:build_tiny")
+    system.modules.pop("encodings.uu_codec", None)
+    torch.save({"state_dict": TinyNet().state_dict(), "raw": attacks.Reduces(_codecs.encode, "x", "uu")},
+               tmp_path / "codec.pt")
+    with pytest.raises(UnsafeFileError, match="latin1"):
+        convfuse.load(tmp_path / "codec.pt", arch="tests.models:build_tiny")
+    assert "encodings.uu_codec" not in system.modules

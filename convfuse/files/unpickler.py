@@ -391,9 +391,9 @@ def _check_rebuild(policy: Policy, name: str, args: tuple, views: ViewBudget) ->
     elif short == "_get_layout":
         if len(args) != 1 or not isinstance(args[0], str):
             raise Refused(f"{what} names a layout by something other than a string")
-    elif short == "encode":
-        if not all(isinstance(a, str) for a in args):
-            raise Refused(f"{what} encodes something other than a string")
+    elif short == "encode" and not (len(args) == 2 and isinstance(args[0], str) and args[1] == "latin1"):
+        # pickle writes bytes as encode(text, "latin1"); any other codec name is a lookup (an import)
+        raise Refused(f"{what} encodes something other than a string as latin1 (how pickle writes bytes)")
 
 
 def pickle_module(policy: Policy) -> types.ModuleType:
