@@ -604,3 +604,18 @@ def shadowed_parameter(path: Path, marker: Path) -> Path:
     model[3]._buffers["weight"] = torch.zeros_like(model[3].weight)
     torch.save(model, path)
     return path
+
+
+def exported_deep_json(path: Path, marker: Path) -> Path:
+    """A program whose JSON nests 200,000 lists: Python's JSON reader recurses once per level."""
+
+    def edit(document: dict) -> None:
+        document["deep"] = "DEEP"
+
+    _rewrite_program(path, edit)
+    with zipfile.ZipFile(path) as zin:
+        members = [(info.filename, zin.read(info.filename)) for info in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in members:
+            zout.writestr(name, data.replace(b'"DEEP"', b"[" * 200_000 + b"]" * 200_000))
+    return path

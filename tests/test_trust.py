@@ -138,6 +138,7 @@ ROUTES = {
     "exported-dunder-target": Route(
         attacks.exported_dunder_target, "torch.ops.aten.__class__", allow=(), suffix=".pt2", runs=False
     ),
+    "exported-deep-json": Route(attacks.exported_deep_json, "nested deeper", allow=(), suffix=".pt2", runs=False),
     "exported-aoti-payload": Route(
         attacks.exported_aoti_payload, "AOTInductor", allow=(), suffix=".pt2", runs=False
     ),

@@ -233,6 +233,8 @@ def _json(archive: Archive, record: str) -> Any:
         return json.loads(archive.read(record))
     except (ValueError, UnicodeDecodeError) as error:
         raise ArchiveError(f"its {record} is not valid JSON ({error})", damaged=True) from error
+    except RecursionError as error:
+        raise Refused(f"its {record} is JSON nested deeper than Python's reader goes") from error
 
 
 def _vet_payloads(record: str, document: Any) -> None:
