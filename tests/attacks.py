@@ -619,3 +619,22 @@ def exported_deep_json(path: Path, marker: Path) -> Path:
         for name, data in members:
             zout.writestr(name, data.replace(b'"DEEP"', b"[" * 200_000 + b"]" * 200_000))
     return path
+
+
+def exported_huge_weight_view(path: Path, marker: Path) -> Path:
+    """A program whose conv weight (432 bytes) is described as 2**20 x 2**20 with strides 0:
+    torch.export.load makes that view of it (torch.as_strided), and any copy allocates 4 TiB."""
+    exported_program(path.with_suffix(".genuine.pt2"))
+    source = path.with_suffix(".genuine.pt2")
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("model_weights_config.json"):
+                document = json.loads(data)
+                meta = document["config"]["conv.weight"]["tensor_meta"]
+                meta["sizes"] = [{"as_int": 2**20}, {"as_int": 2**20}, {"as_int": 1}, {"as_int": 1}]
+                meta["strides"] = [{"as_int": 0}] * 4
+                data = json.dumps(document).encode()
+            zout.writestr(info.filename, data)
+    source.unlink()
+    return path

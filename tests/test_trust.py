@@ -139,6 +139,9 @@ ROUTES = {
         attacks.exported_dunder_target, "torch.ops.aten.__class__", allow=(), suffix=".pt2", runs=False
     ),
     "exported-deep-json": Route(attacks.exported_deep_json, "nested deeper", allow=(), suffix=".pt2", runs=False),
+    "exported-huge-weight-view": Route(
+        attacks.exported_huge_weight_view, "views a storage of 108 elements", allow=(), suffix=".pt2", runs=False
+    ),
     "exported-aoti-payload": Route(
         attacks.exported_aoti_payload, "AOTInductor", allow=(), suffix=".pt2", runs=False
     ),
@@ -729,6 +732,8 @@ def test_a_view_reaching_more_than_its_storage_is_refused(tmp_path, build):
     ((4,), (1, 1), 0, "offset or strides"),
     ((2, 2), (4, 1), 0, "past its end"),
     ((True,), (1,), 0, "non-negative integers"),
+    ((2**63,), (1,), 0, "non-negative integers"),
+    ((2 ** (2**24), 2 ** (2**24)), (0, 0), 0, "non-negative integers"),  # refused before any product of them
 ])
 def test_a_view_with_odd_sizes_is_refused(tmp_path, size, stride, offset, needle):
     torch.save({"state_dict": TinyNet().state_dict(), "extra": attacks.tensor_view(size, stride, 4, offset)},
@@ -839,3 +844,10 @@ def test_bytes_decode_only_as_pickle_writes_them(tmp_path):
     with pytest.raises(UnsafeFileError, match="latin1"):
         convfuse.load(tmp_path / "codec.pt", arch="tests.models:build_tiny")
     assert "encodings.uu_codec" not in system.modules
+
+
+def test_an_exported_weight_viewed_past_its_bytes_is_what_torch_loads(tmp_path):
+    """The control for exported-huge-weight-view: torch.export.load makes the 2**40-element view."""
+    path = attacks.exported_huge_weight_view(tmp_path / "m.pt2", tmp_path / "unused")
+    program = torch.export.load(path)
+    assert program.state_dict["conv.weight"].numel() == 2**40

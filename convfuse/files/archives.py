@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from convfuse.files.bounds import check_view
 from convfuse.files.trust import Refused
 
 __all__ = [
@@ -221,7 +222,7 @@ def vet_exported(archive: Archive) -> None:
         raise Refused("its archive_format record is not 'pt2'")
     for record in sorted(archive.records):
         if record.endswith("_config.json"):
-            _vet_payloads(record, _json(archive, record))
+            _vet_payloads(archive, record, _json(archive, record))
         elif record.startswith("data/sample_inputs/"):
             _vet_sample_inputs(record, archive.read(record))
         elif _EXPORTED_MODEL.fullmatch(record):
@@ -237,7 +238,7 @@ def _json(archive: Archive, record: str) -> Any:
         raise Refused(f"its {record} is JSON nested deeper than Python's reader goes") from error
 
 
-def _vet_payloads(record: str, document: Any) -> None:
+def _vet_payloads(archive: Archive, record: str, document: Any) -> None:
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict) or not all(isinstance(p, dict) for p in config.values()):
         raise Refused(f"its {record} is not a payload description as torch.export.save writes it")
@@ -247,6 +248,29 @@ def _vet_payloads(record: str, document: Any) -> None:
                 f"{fqn} is stored as a Python pickle or an object (not raw tensor bytes), which "
                 "torch.export.load unpickles without restrictions"
             )
+        _vet_payload_view(archive, f"{record.rsplit('/', 1)[0]}/{payload['path_name']}", fqn, payload.get("tensor_meta"))
+
+
+def _vet_payload_view(archive: Archive, record: str, fqn: str, meta: Any) -> None:
+    """torch.export.load views each payload's bytes with the sizes and strides its config gives
+    (``torch.as_strided``): they must fit those bytes as a pickled tensor's must fit its storage."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    what = f"its {fqn}"
+    if not isinstance(meta, dict) or record not in archive.records:
+        raise Refused(f"{what} has no tensor description or no payload, as torch.export.save writes them")
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) if isinstance(meta.get("dtype"), int) else None
+
+    def ints(values: Any) -> list[Any]:
+        if not isinstance(values, list) or not all(isinstance(v, dict) and set(v) == {"as_int"} for v in values):
+            raise Refused(f"{what} has sizes or strides that are not plain integers")
+        return [v["as_int"] for v in values]
+
+    offset = meta.get("storage_offset")
+    if dtype is None or not isinstance(offset, dict) or set(offset) != {"as_int"}:
+        raise Refused(f"{what} has no dtype or offset as torch.export.save writes them")
+    size = int(archive.reader.get_record_size(record))
+    check_view(size, offset["as_int"], ints(meta.get("sizes")), ints(meta.get("strides")), dtype.itemsize, what)
 
 
 def _vet_sample_inputs(record: str, data: bytes) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from convfuse.files.trust import Refused
 
-__all__ = ["SMALL_VIEW_BYTES", "SMALL_VIEW_ELEMENTS", "VIEW_FACTOR", "ViewBudget", "check_rnn_state"]
+__all__ = ["SMALL_VIEW_BYTES", "SMALL_VIEW_ELEMENTS", "VIEW_FACTOR", "ViewBudget", "check_rnn_state", "check_view"]
 
 SMALL_VIEW_ELEMENTS = 2**20
 """Elements a view may reach beyond its storage's own (a stride-0 ``expand`` of a small tensor)."""
@@ -36,17 +36,43 @@ SMALL_VIEW_BYTES = 64 * 2**20
 (tied weights, a state_dict's detached copies and a model's parameters share storages)."""
 
 
+_INT64 = 2**63
+
+
 def _index(value: Any) -> int | None:
-    return value if type(value) is int else None
+    """A size, stride or offset as torch holds it (an int64); None for anything else, negative
+    numbers included (before any arithmetic: a product of numbers of a billion digits each takes hours)."""
+    return value if type(value) is int and 0 <= value < _INT64 else None
 
 
 def _shape(values: Any, what: str, name: str) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)):
         raise Refused(f"{what} gives a tensor's {name} as a {type(values).__name__}, not a tuple")
     items = tuple(_index(v) for v in values)
-    if any(v is None or v < 0 for v in items):
+    if any(v is None for v in items):
         raise Refused(f"{what} gives a tensor a {name} that is not a tuple of non-negative integers")
     return items  # type: ignore[return-value]
+
+
+def check_view(storage_bytes: int, offset: Any, size: Any, stride: Any, item_size: int, what: str) -> None:
+    """Refused unless a view of a storage of ``storage_bytes`` stays inside it and reaches no more
+    elements than it holds (or few)."""
+    size = _shape(size, what, "size")
+    stride = _shape(stride, what, "stride")
+    offset = _index(offset)
+    if offset is None or len(size) != len(stride):
+        raise Refused(f"{what} gives a tensor an offset or strides that do not fit its size")
+    elements = storage_bytes // item_size if item_size else 0
+    numel = math.prod(size)
+    if numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= elements:
+            raise Refused(f"{what} views a storage of {elements:,} elements up to element {last:,}, past its end")
+        if numel > max(elements, SMALL_VIEW_ELEMENTS):
+            raise Refused(
+                f"{what} views a storage of {elements:,} elements as {numel:,} (strides that overlap), which "
+                "later copies would allocate in full"
+            )
 
 
 class ViewBudget:
@@ -68,18 +94,9 @@ class ViewBudget:
             raise Refused(f"{what} views a {type(storage).__name__}, not a storage")
         untyped = storage.untyped() if isinstance(storage, torch.storage.TypedStorage) else storage
         storage_bytes = int(untyped.nbytes()) if storage is not None else 0
-        elements = storage_bytes // item_size if item_size else 0
         numel = math.prod(size)
-        if numel and storage is not None:  # None: a meta tensor, which has no storage (only the budget)
-            last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-            if last >= elements:
-                raise Refused(f"{what} views a storage of {elements:,} elements up to element {last:,}, past its end")
-            if numel > max(elements, SMALL_VIEW_ELEMENTS):
-                raise Refused(
-                    f"{what} views a storage of {elements:,} elements as {numel:,} (strides that overlap), which "
-                    "later copies would allocate in full"
-                )
-        if storage is not None:
+        if storage is not None:  # None: a meta tensor, which has no storage (only the budget)
+            check_view(storage_bytes, offset, size, stride, item_size, what)
             self.storage_bytes.setdefault(id(untyped), storage_bytes)
         self.view_bytes += numel * item_size
         if self.view_bytes > VIEW_FACTOR * sum(self.storage_bytes.values()) + SMALL_VIEW_BYTES:
@@ -97,8 +114,9 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 def _count(state: dict, key: str, least: int, default: Any = None) -> int:
     value = state.get(key, default)
-    if type(value) is not int or value < least:
-        raise Refused(f"the file gives an RNN's {key} as {str(value)[:40]!r}, not an integer of at least {least}")
+    if type(value) is not int or not least <= value < _INT64:
+        raise Refused(f"the file gives an RNN's {key} as a {type(value).__name__} out of range, not an integer of "
+                      f"at least {least}")
     return value
 
 
@@ -113,7 +131,7 @@ def check_rnn_state(state: dict) -> None:
     """Refused unless an RNN's state describes exactly the weights it holds (see the module doc)."""
     mode = state.get("mode")
     if not isinstance(mode, str) or mode not in _GATES:
-        raise Refused(f"the file gives an RNN the mode {str(mode)[:40]!r}, not one of {', '.join(_GATES)}")
+        raise Refused(f"the file gives an RNN a mode that is not one of {', '.join(_GATES)}")
     parameters = state.get("_parameters")
     if not isinstance(parameters, dict):
         raise Refused("the file gives an RNN no dict of parameters")
