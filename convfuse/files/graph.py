@@ -131,9 +131,9 @@ class _Walker:
         if admitted is not None or callable(value) and not self.policy.kind_of(type(value)):
             what = admitted.name if admitted is not None else type(value).__qualname__
             raise Refused(f"{path}: holds {what} as a value, which installed code could call")
-        if type(value).__module__.split(".")[0] == "numpy":  # numpy's own types: what an object array
-            if getattr(getattr(value, "dtype", value), "hasobject", False):  # holds is out of the walk's sight
-                raise Refused(f"{path}: holds a numpy array of Python objects, which convfuse does not admit")
+        numpy = type(value).__module__.split(".")[0] == "numpy"  # what numpy's object arrays hold is out of sight
+        if numpy and getattr(getattr(value, "dtype", value), "hasobject", False):
+            raise Refused(f"{path}: holds a numpy array of Python objects, which convfuse does not admit")
         if (
             isinstance(value, torch.Tensor)
             or self.policy.kind_of(type(value)) in (Kind.DATA, Kind.INERT)
