@@ -466,3 +466,175 @@ def legacy_tar(path: Path, member: Any) -> Path:
         tar.addfile(pad, io.BytesIO(b""))
         tar.addfile(member)
     return path
+
+
+# -- sizes the file chose (caps, red-team round 3) -----------------------------------------
+
+
+def compressed_members(path: Path, count: int, size: int) -> Path:
+    """``count`` deflated tensors of ``size`` bytes each (zeros: a few KB compressed), every one
+    under the per-record cap, together as much as the file likes once inflated."""
+    buffer = io.BytesIO()
+    torch.save({f"t{i}": torch.zeros(size // 4) for i in range(count)}, buffer)
+    with zipfile.ZipFile(buffer) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    return path
+
+
+def overlapping_members(path: Path, count: int, size: int) -> Path:
+    """An archive of one stored record of ``size`` bytes, whose zip directory names it ``count``
+    times (``data/0`` ... ``data/{count-1}``, all at the same offset): the pickle's ``count``
+    tensors each read, and hold, the same bytes again."""
+    import struct
+
+    buffer = io.BytesIO()
+    torch.save({f"t{i}": torch.zeros(size // 4) for i in range(count)}, buffer)
+    kept = io.BytesIO()
+    with zipfile.ZipFile(buffer) as zin, zipfile.ZipFile(kept, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.infolist()[0].filename.split("/")[0]
+        for info in zin.infolist():
+            if "/data/" not in info.filename or info.filename.endswith("/data/0"):
+                zout.writestr(info, zin.read(info.filename))
+    data = kept.getvalue()
+    end = data.rindex(b"PK\x05\x06")
+    directory_size, directory_offset = struct.unpack("<II", data[end + 12:end + 20])
+    directory = data[directory_offset:directory_offset + directory_size]
+    entries, position = [], 0
+    while position < len(directory):
+        name_length, extra_length, comment_length = struct.unpack("<HHH", directory[position + 28:position + 34])
+        length = 46 + name_length + extra_length + comment_length
+        entries.append(directory[position:position + length])
+        position += length
+    first = next(e for e in entries if e[46:46 + struct.unpack("<H", e[28:30])[0]].endswith(b"/data/0"))
+    name_length, extra_length = struct.unpack("<HH", first[28:32])
+    extra = first[46 + name_length:46 + name_length + extra_length]
+    for i in range(1, count):
+        name = f"{root}/data/{i}".encode()
+        header = bytearray(first[:46])
+        header[28:34] = struct.pack("<HHH", len(name), len(extra), 0)
+        entries.append(bytes(header) + name + extra)
+    new_directory = b"".join(entries)
+    record = bytearray(data[end:end + 22])
+    record[8:16] = struct.pack("<HHI", len(entries), len(entries), len(new_directory))
+    path.write_bytes(data[:directory_offset] + new_directory + bytes(record[:20]) + data[end + 20:])
+    return path
+
+
+def tensor_view(size: tuple, stride: tuple, elements: int = 1, offset: int = 0) -> Reduces:
+    """A tensor rebuilt from a storage of ``elements`` float32 zeros, viewed with the file's
+    ``size``, ``stride`` and ``offset``."""
+    storage = torch.zeros(elements).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    return Reduces(torch._utils._rebuild_tensor_v2, typed, offset, size, stride, False, OrderedDict())
+
+
+def huge_view(path: Path, marker: Path) -> Path:
+    """One float32 viewed as 2**20 x 2**20 (strides 0): 4 TiB for the first copy made of it."""
+    model = tiny()
+    torch.save({"model": model, "extra": tensor_view((2**20, 2**20), (0, 0))}, path)
+    return path
+
+
+def overlapping_view(path: Path, marker: Path) -> Path:
+    """2**21 float32 viewed as 2**20 x 2**20 with strides (1, 1): inside the storage, 4 TiB once copied."""
+    torch.save({"extra": tensor_view((2**20, 2**20), (1, 1), elements=2**21)}, path)
+    return path
+
+
+def many_views_of_one_storage(path: Path, count: int, elements: int) -> Path:
+    """``count`` tensors, each a full view of the same storage of ``elements`` float32."""
+    storage = torch.zeros(elements)
+    torch.save({"views": [storage.view(-1) for _ in range(count)]}, path)
+    return path
+
+
+class _LegacyTensor:
+    """Pickles as a small tensor whose storage is then replaced (BUILD: ``set_``) by a huge view."""
+
+    def __reduce__(self):
+        small = tensor_view((1,), (1,))
+        storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(1).untyped_storage(), dtype=torch.float32,
+                                             _internal=True)
+        return (small.func, small.args, (storage, 0, (2**20, 2**20), (0, 0)))
+
+
+def huge_view_by_set(path: Path, marker: Path) -> Path:
+    torch.save({"extra": _LegacyTensor()}, path)
+    return path
+
+
+def _rnn(rnn: nn.RNNBase, **changes: Any) -> AsNewObj:
+    """``rnn`` as torch.save writes it (its state less the weak references), with ``changes``."""
+    state = {key: value for key, value in vars(rnn).items() if key != "_flat_weight_refs"}
+    return AsNewObj(type(rnn), {**state, **changes})
+
+
+def rnn_layers(path: Path, layers: int) -> Path:
+    """An LSTM whose state claims ``layers`` layers in the old format (``_all_weights`` not of
+    names), so that ``RNNBase.__setstate__`` builds the names of every one of them."""
+    torch.save({"model": _rnn(nn.LSTM(4, 8), num_layers=layers, _all_weights=[[0]])}, path)
+    return path
+
+
+def rnn_hidden_size(path: Path, marker: Path) -> Path:
+    """A GRU with the weights of hidden size 8 that claims 2**31: its forward would allocate the
+    initial hidden state by the claim."""
+    torch.save({"model": _rnn(nn.GRU(4, 8), hidden_size=2**31)}, path)
+    return path
+
+
+def numpy_object_array(path: Path, marker: Path) -> Path:
+    """A Marker module (outside the module tree) and a class held inside a numpy array of objects,
+    where a walk of the object graph that treats numpy arrays as data never looks."""
+    import numpy as np
+
+    hidden = Marker.__new__(Marker)
+    nn.Module.__init__(hidden)
+    held = np.empty(2, dtype=object)
+    held[0], held[1] = hidden, Marker
+    torch.save({"model": tiny(), "extra": held}, path)
+    return path
+
+
+def shadowed_parameter(path: Path, marker: Path) -> Path:
+    """A Linear whose ``weight`` is a parameter and also a buffer: its forward uses the parameter,
+    its state_dict (a state_dict or safetensors output of it) the buffer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 5)).eval()
+    model[3]._buffers["weight"] = torch.zeros_like(model[3].weight)
+    torch.save(model, path)
+    return path
+
+
+def exported_deep_json(path: Path, marker: Path) -> Path:
+    """A program whose JSON nests 200,000 lists: Python's JSON reader recurses once per level."""
+
+    def edit(document: dict) -> None:
+        document["deep"] = "DEEP"
+
+    _rewrite_program(path, edit)
+    with zipfile.ZipFile(path) as zin:
+        members = [(info.filename, zin.read(info.filename)) for info in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in members:
+            zout.writestr(name, data.replace(b'"DEEP"', b"[" * 200_000 + b"]" * 200_000))
+    return path
+
+
+def exported_huge_weight_view(path: Path, marker: Path) -> Path:
+    """A program whose conv weight (432 bytes) is described as 2**20 x 2**20 with strides 0:
+    torch.export.load makes that view of it (torch.as_strided), and any copy allocates 4 TiB."""
+    exported_program(path.with_suffix(".genuine.pt2"))
+    source = path.with_suffix(".genuine.pt2")
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("model_weights_config.json"):
+                document = json.loads(data)
+                meta = document["config"]["conv.weight"]["tensor_meta"]
+                meta["sizes"] = [{"as_int": 2**20}, {"as_int": 2**20}, {"as_int": 1}, {"as_int": 1}]
+                meta["strides"] = [{"as_int": 0}] * 4
+                data = json.dumps(document).encode()
+            zout.writestr(info.filename, data)
+    source.unlink()
+    return path

@@ -115,6 +115,9 @@ ROUTES = {
     "allocation-by-argument": Route(attacks.allocation_by_argument, "bytearray of a size", runs=False),
     "numpy-array-of-any-shape": Route(attacks.numpy_array_of_any_shape, "numpy.ndarray", runs=False),
     "a-class-as-a-value": Route(attacks.a_class_as_a_value, "as a value", runs=lambda m: m.factory(os.environ[MARKER_ENV])),
+    "numpy-object-array": Route(attacks.numpy_object_array, "numpy array of Python objects", runs=False),
+    "shadowed-parameter": Route(attacks.shadowed_parameter, "both in _parameters and in _buffers", allow=(),
+                                runs=False),
     # 4. the reader and the load must read the same bytes
     "legacy-with-a-zip-decoy": Route(attacks.legacy_with_a_zip_decoy, "constructor of tests.models.Recorder"),
     # 5. TorchScript is code
@@ -134,6 +137,10 @@ ROUTES = {
     ),
     "exported-dunder-target": Route(
         attacks.exported_dunder_target, "torch.ops.aten.__class__", allow=(), suffix=".pt2", runs=False
+    ),
+    "exported-deep-json": Route(attacks.exported_deep_json, "nested deeper", allow=(), suffix=".pt2", runs=False),
+    "exported-huge-weight-view": Route(
+        attacks.exported_huge_weight_view, "views a storage of 108 elements", allow=(), suffix=".pt2", runs=False
     ),
     "exported-aoti-payload": Route(
         attacks.exported_aoti_payload, "AOTInductor", allow=(), suffix=".pt2", runs=False
@@ -652,3 +659,195 @@ def test_refusals_of_unimportable_classes_are_load_errors(tmp_path, marker):
     with pytest.raises(LoadError, match="cannot be imported") as info:
         convfuse.load(path, allow=["cfz_vanished_pkg"])
     assert not isinstance(info.value, UnsafeFileError)
+
+
+# -- sizes the file chose: zip inflation, tensor views, RNN state (red-team round 3) ----------
+
+
+def _cli_refuses(path: Path, tmp_path: Path, needle: str, *args: str) -> None:
+    result = runner.invoke(app, [str(path), "-o", str(tmp_path / "out" / "f.pt"), *args],
+                           env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": None})
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_compressed_members_under_the_record_cap_are_capped_together(tmp_path, monkeypatch):
+    """F01: every member under the per-record cap, together over the total: refused before inflating."""
+    path = attacks.compressed_members(tmp_path / "bomb.pt", 8, 1_000_000)
+    assert path.stat().st_size < 100_000
+    monkeypatch.setattr(archives, "MAX_RECORD_BYTES", 1_500_000)
+    monkeypatch.setattr(archives, "MAX_INFLATED_BYTES", 4_000_000)
+    inflated = []
+    monkeypatch.setattr(torch._C, "PyTorchFileReader", lambda *a: inflated.append(a))  # never reached
+    with pytest.raises(UnsafeFileError, match="inflate to more than 4,000,000 bytes together"):
+        convfuse.load(path, arch="tests.models:build_tiny")
+    _cli_refuses(path, tmp_path, "together", "--arch", "tests.models:build_tiny")
+    assert not inflated
+
+
+def test_compressed_members_within_the_caps_still_load(tmp_path, monkeypatch):
+    model = randomize_bn(TinyNet()).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    _recompressed(tmp_path / "m.pt", tmp_path / "deflated.pt")
+    loaded = convfuse.load(tmp_path / "deflated.pt", arch="tests.models:build_tiny").eval()
+    inputs = x()
+    assert torch.equal(loaded(inputs), model(inputs))
+
+
+def test_members_that_share_bytes_are_refused(tmp_path):
+    """A stored record named many times by the zip directory: torch reads and holds it once per
+    name (the control), so a file of one record would yield thousands of copies."""
+    path = attacks.overlapping_members(tmp_path / "m.pt", 20, 2**20)
+    assert path.stat().st_size < 2 * 2**20
+    loaded = torch.load(path, weights_only=True)
+    assert sum(t.numel() * 4 for t in loaded.values()) == 20 * 2**20  # the control: 20 MiB from 1
+    with pytest.raises(UnsafeFileError, match="share bytes"):
+        convfuse.load(path, arch="tests.models:build_tiny")
+    _cli_refuses(path, tmp_path, "share bytes", "--arch", "tests.models:build_tiny")
+
+
+def test_a_zip_directory_over_the_cap_is_refused(tmp_path, monkeypatch):
+    torch.save(TinyNet().state_dict(), tmp_path / "m.pt")
+    monkeypatch.setattr(archives, "MAX_DIRECTORY_BYTES", 200)
+    with pytest.raises(UnsafeFileError, match="zip directory is .* over the cap of 200"):
+        convfuse.load(tmp_path / "m.pt", arch="tests.models:build_tiny")
+
+
+@pytest.mark.parametrize("build", [attacks.huge_view, attacks.overlapping_view, attacks.huge_view_by_set])
+def test_a_view_reaching_more_than_its_storage_is_refused(tmp_path, build):
+    """F02: torch accepts the view (the control: 2**40 elements from a few bytes); convfuse refuses it."""
+    path = build(tmp_path / "m.pt", tmp_path / "unused")
+    assert torch.load(path, weights_only=False)["extra"].numel() == 2**40
+    with pytest.raises(UnsafeFileError, match="views a storage of"):
+        convfuse.load(path, allow=["tests"])
+    _cli_refuses(path, tmp_path, "views a storage of", "--allow", "tests")
+
+
+@pytest.mark.parametrize(("size", "stride", "offset", "needle"), [
+    ((4,), (-1,), 3, "non-negative"),
+    ((-4,), (1,), 0, "non-negative"),
+    ((2,), (1,), -1, "offset"),
+    ((4,), (1, 1), 0, "offset or strides"),
+    ((2, 2), (4, 1), 0, "past its end"),
+    ((True,), (1,), 0, "non-negative integers"),
+    ((2**63,), (1,), 0, "non-negative integers"),
+    ((2 ** (2**24), 2 ** (2**24)), (0, 0), 0, "non-negative integers"),  # refused before any product of them
+])
+def test_a_view_with_odd_sizes_is_refused(tmp_path, size, stride, offset, needle):
+    torch.save({"state_dict": TinyNet().state_dict(), "extra": attacks.tensor_view(size, stride, 4, offset)},
+               tmp_path / "m.pt")
+    with pytest.raises(UnsafeFileError, match=needle):
+        convfuse.load(tmp_path / "m.pt", arch="tests.models:build_tiny")
+
+
+def test_many_full_views_of_one_storage_are_capped(tmp_path, monkeypatch):
+    from convfuse.files import bounds
+
+    monkeypatch.setattr(bounds, "SMALL_VIEW_BYTES", 0)
+    attacks.many_views_of_one_storage(tmp_path / "m.pt", 3, 1000)
+    with pytest.raises(LoadError, match="neither a model"):  # 3 views of one storage: within the factor, read
+        convfuse.load(tmp_path / "m.pt")
+    attacks.many_views_of_one_storage(tmp_path / "m.pt", 50, 1000)
+    with pytest.raises(UnsafeFileError, match="view 2.* bytes of storages that hold 4,000"):
+        convfuse.load(tmp_path / "m.pt")
+
+
+def test_views_torch_writes_still_load(tmp_path):
+    """An expanded (stride-0) tensor, views into one storage, a transposed weight, a meta tensor."""
+    base = torch.randn(6, 4)
+    model = randomize_bn(TinyNet()).eval()
+    model.register_buffer("expanded", torch.randn(1).expand(1000))
+    model.register_buffer("rows", base[2:])
+    model.register_buffer("transposed", base.t())
+    model.register_buffer("on_meta", torch.empty(3, 5, device="meta"))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = convfuse.load(tmp_path / "m.pt", allow=["tests"])
+    assert torch.equal(loaded.expanded, model.expanded) and loaded.expanded.stride() == (0,)
+    assert torch.equal(loaded.rows, base[2:]) and torch.equal(loaded.transposed, base.t())
+    assert loaded.on_meta.shape == (3, 5)
+
+
+def test_an_rnn_whose_state_claims_more_layers_than_its_weights_is_refused(tmp_path):
+    """F03: RNNBase.__setstate__ builds names for every layer the file claims (the control: 2,000
+    layers cost 10,000 names here; 10**9 would never finish), and its forward allocates by them."""
+    path = attacks.rnn_layers(tmp_path / "m.pt", 2000)
+    assert len(torch.load(path, weights_only=False)["model"]._flat_weights_names) == 4 * 2000
+    with pytest.raises(UnsafeFileError, match="2,000 layers and 4 weights"):
+        convfuse.load(path)
+    attacks.rnn_layers(path, 10**9)
+    _cli_refuses(path, tmp_path, "1,000,000,000 layers", "--input-shape", "2,1,4")
+
+
+def test_an_rnn_whose_hidden_size_is_not_its_weights_is_refused(tmp_path):
+    path = attacks.rnn_hidden_size(tmp_path / "m.pt", tmp_path / "unused")
+    assert torch.load(path, weights_only=False)["model"].hidden_size == 2**31  # the control
+    with pytest.raises(UnsafeFileError, match=r"weight_ih_l0 of shape \(24, 4\), where .* \(6442450944, 4\)"):
+        convfuse.load(path)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.LSTM(4, 8, num_layers=2, bidirectional=True),
+    lambda: nn.LSTM(4, 8, num_layers=2, proj_size=3, bias=False),
+    lambda: nn.GRU(4, 6, batch_first=True),
+    lambda: nn.RNN(4, 5, nonlinearity="relu", num_layers=3),
+])
+def test_rnns_torch_writes_still_load(tmp_path, make):
+    rnn = make().eval()
+    torch.save(rnn, tmp_path / "m.pt")
+    loaded = convfuse.load(tmp_path / "m.pt")
+    inputs = torch.randn(3, 2, 4)
+    assert torch.equal(loaded(inputs)[0], rnn(inputs)[0])
+
+
+def test_a_name_in_two_of_a_modules_dicts_would_write_other_weights(tmp_path):
+    """The control for shadowed-parameter: the forward uses the parameter, the state_dict (what a
+    safetensors output is written from) the buffer, so a verified fuse would write other weights."""
+    path = attacks.shadowed_parameter(tmp_path / "m.pt", tmp_path / "unused")
+    model = torch.load(path, weights_only=False)
+    assert not torch.equal(model.state_dict()["3.weight"], model[3].weight)
+    result = runner.invoke(app, [str(path), "-o", str(tmp_path / "f.safetensors"), "--input-shape", "1,3,16,16"],
+                           env={"NO_COLOR": "1", "CONVFUSE_DEBUG": None, "CONVFUSE_ALLOW": None})
+    assert result.exit_code == 2 and "both in _parameters and in _buffers" in result.stderr
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_allow_of_a_module_admits_that_module_only(tmp_path):
+    """--allow tests.models trusts tests.models (and modules below it), not all of tests, and no
+    package whose name merely starts the same (tests_evil)."""
+    torch.save(randomize_bn(TinyNet()).eval(), tmp_path / "m.pt")
+    assert type(convfuse.load(tmp_path / "m.pt", allow=["tests.models"])) is TinyNet
+    attacks.constructor_call(tmp_path / "c.pt", tmp_path / "marker")
+    with pytest.raises(UnsafeFileError, match="tests.attacks.Reduces|not in the allowed packages"):
+        convfuse.load(tmp_path / "c.pt", allow=["tests.model"])
+    from convfuse.files.trust import Policy
+
+    policy = Policy(["tests.models", "torch_evil"])
+    assert policy.allowed("tests.models") and policy.allowed("tests.models.sub") and policy.allowed("torch_evil.x")
+    assert not policy.allowed("tests") and not policy.allowed("tests.attacks") and not policy.allowed("tests_models")
+    assert not Policy().allowed("torchvision2") and not Policy().allowed("torch_evil")
+
+
+def test_bytes_decode_only_as_pickle_writes_them(tmp_path):
+    """pickle writes bytes (protocol 2) as _codecs.encode(text, "latin1"); another codec name would
+    make the codec machinery import the module of that name."""
+    import _codecs
+    import sys as system
+
+    data = b"\x00\xffbytes"
+    torch.save({"state_dict": TinyNet().state_dict(), "raw": data}, tmp_path / "ok.pt", pickle_protocol=2)
+    assert convfuse.load(tmp_path / "ok.pt", arch="tests.models:build_tiny")
+    system.modules.pop("encodings.uu_codec", None)
+    torch.save({"state_dict": TinyNet().state_dict(), "raw": attacks.Reduces(_codecs.encode, "x", "uu")},
+               tmp_path / "codec.pt")
+    with pytest.raises(UnsafeFileError, match="latin1"):
+        convfuse.load(tmp_path / "codec.pt", arch="tests.models:build_tiny")
+    assert "encodings.uu_codec" not in system.modules
+
+
+def test_an_exported_weight_viewed_past_its_bytes_is_what_torch_loads(tmp_path):
+    """The control for exported-huge-weight-view: torch.export.load makes the 2**40-element view."""
+    path = attacks.exported_huge_weight_view(tmp_path / "m.pt2", tmp_path / "unused")
+    program = torch.export.load(path)
+    assert program.state_dict["conv.weight"].numel() == 2**40

@@ -20,6 +20,7 @@ import ast
 import io
 import json
 import re
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +28,29 @@ from typing import Any
 
 import torch
 
+from convfuse.files.bounds import check_view
 from convfuse.files.trust import Refused
 
-__all__ = ["MAX_RECORD_BYTES", "ZIP_MAGIC", "Archive", "ArchiveError", "open_archive", "vet_exported"]
+__all__ = [
+    "MAX_DIRECTORY_BYTES", "MAX_INFLATED_BYTES", "MAX_RECORD_BYTES", "ZIP_MAGIC", "Archive", "ArchiveError",
+    "open_archive", "vet_exported",
+]
 
 MAX_RECORD_BYTES = 256 * 2**20
 """Largest pickle (``data.pkl``) or JSON record read into memory, and largest compressed member
 (torch writes its records uncompressed): real models' pickles are a few MB at most."""
 
+MAX_INFLATED_BYTES = 1 * 2**30
+"""Largest total that the archive's compressed members may inflate to, all together (each is also
+under ``MAX_RECORD_BYTES``). Stored members cannot add up to more than the file itself: no two
+members may share bytes."""
+
+MAX_DIRECTORY_BYTES = 16 * 2**20
+"""Largest zip central directory (about 150,000 records of a torch archive): Python's zip reader
+makes an object of every entry, so a directory of millions costs gigabytes before any check."""
+
 ZIP_MAGIC = b"PK\x03\x04"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 
 
 @dataclass(frozen=True)
@@ -77,12 +92,15 @@ class ArchiveError(Exception):
 
 
 def open_archive(path: Path) -> Archive:
-    """The archive's records, after checking, before anything is inflated, that no member would
-    inflate past the cap and that Python's and torch's zip readers see the same members."""
+    """The archive's records, after checking, before anything is inflated, that the members fit
+    the caps and that Python's and torch's zip readers see the same members."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        with open(path, "rb") as raw:
+            _check_directory_size(raw)
+            with zipfile.ZipFile(raw) as archive:
+                members = archive.infolist()
+            _check_layout(raw, members)
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as error:
         raise ArchiveError(str(error) or type(error).__name__, damaged=True) from error
     names = [m.filename for m in members]
     root = names[0].split("/", 1)[0] if names else ""
@@ -91,12 +109,7 @@ def open_archive(path: Path) -> Archive:
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise ArchiveError(f"two members are named {duplicate}", damaged=True)
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED and member.file_size > MAX_RECORD_BYTES:
-            raise Refused(
-                f"its member {member.filename} would inflate to {member.file_size:,} bytes, over the cap of "
-                f"{MAX_RECORD_BYTES:,} (torch.save writes uncompressed records)"
-            )
+    _check_inflation(members)
     try:
         reader = torch._C.PyTorchFileReader(str(path))
         records = frozenset(reader.get_all_records())
@@ -105,6 +118,55 @@ def open_archive(path: Path) -> Archive:
     if {n.split("/", 1)[1] for n in names if not n.endswith("/")} != records:
         raise ArchiveError("torch's zip reader and Python's see different members", damaged=True)
     return Archive(path, records, reader)
+
+
+def _check_directory_size(raw: Any) -> None:
+    end = zipfile._EndRecData(raw)  # type: ignore[attr-defined]  # the end record, zip64 included
+    if end is None:
+        raise zipfile.BadZipFile("File is not a zip file")
+    size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if size > MAX_DIRECTORY_BYTES:
+        raise Refused(f"its zip directory is {size:,} bytes, over the cap of {MAX_DIRECTORY_BYTES:,}")
+
+
+def _check_inflation(members: list[zipfile.ZipInfo]) -> None:
+    """Refused where a compressed member, or all of them together, would inflate past the caps."""
+    total = 0
+    for member in members:
+        if member.compress_type == zipfile.ZIP_STORED:
+            continue
+        total += member.file_size
+        if member.file_size > MAX_RECORD_BYTES:
+            raise Refused(
+                f"its member {member.filename} would inflate to {member.file_size:,} bytes, over the cap of "
+                f"{MAX_RECORD_BYTES:,} (torch.save writes uncompressed records)"
+            )
+        if total > MAX_INFLATED_BYTES:
+            raise Refused(
+                f"its compressed members would inflate to more than {MAX_INFLATED_BYTES:,} bytes together, "
+                "over the cap (torch.save writes uncompressed records)"
+            )
+
+
+def _check_layout(raw: Any, members: list[zipfile.ZipInfo]) -> None:
+    """Refused where two members share bytes (each would be read, and held, in full: a file of one
+    record could yield thousands) or a stored member declares more bytes than it holds."""
+    end_of_data = raw.seek(0, 2)
+    previous_end, previous = 0, ""
+    for member in sorted(members, key=lambda m: m.header_offset):
+        if member.compress_type == zipfile.ZIP_STORED and member.file_size != member.compress_size:
+            raise Refused(f"its stored member {member.filename} declares {member.file_size:,} bytes but holds "
+                          f"{member.compress_size:,}")
+        if member.header_offset < previous_end:
+            raise Refused(f"its members {previous} and {member.filename} share bytes, as no zip writer lays them out")
+        raw.seek(member.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+        if signature != ZIP_MAGIC:
+            raise zipfile.BadZipFile(f"no member header where the directory places {member.filename}")
+        previous_end = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length + member.compress_size
+        previous = member.filename
+        if previous_end > end_of_data:
+            raise zipfile.BadZipFile(f"its member {member.filename} runs past the end of the file")
 
 
 # -- ExportedProgram archives -------------------------------------------------------------
@@ -160,7 +222,7 @@ def vet_exported(archive: Archive) -> None:
         raise Refused("its archive_format record is not 'pt2'")
     for record in sorted(archive.records):
         if record.endswith("_config.json"):
-            _vet_payloads(record, _json(archive, record))
+            _vet_payloads(archive, record, _json(archive, record))
         elif record.startswith("data/sample_inputs/"):
             _vet_sample_inputs(record, archive.read(record))
         elif _EXPORTED_MODEL.fullmatch(record):
@@ -172,9 +234,11 @@ def _json(archive: Archive, record: str) -> Any:
         return json.loads(archive.read(record))
     except (ValueError, UnicodeDecodeError) as error:
         raise ArchiveError(f"its {record} is not valid JSON ({error})", damaged=True) from error
+    except RecursionError as error:
+        raise Refused(f"its {record} is JSON nested deeper than Python's reader goes") from error
 
 
-def _vet_payloads(record: str, document: Any) -> None:
+def _vet_payloads(archive: Archive, record: str, document: Any) -> None:
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict) or not all(isinstance(p, dict) for p in config.values()):
         raise Refused(f"its {record} is not a payload description as torch.export.save writes it")
@@ -184,6 +248,29 @@ def _vet_payloads(record: str, document: Any) -> None:
                 f"{fqn} is stored as a Python pickle or an object (not raw tensor bytes), which "
                 "torch.export.load unpickles without restrictions"
             )
+        _vet_payload_view(archive, f"{record.rsplit('/', 1)[0]}/{payload['path_name']}", fqn, payload.get("tensor_meta"))
+
+
+def _vet_payload_view(archive: Archive, record: str, fqn: str, meta: Any) -> None:
+    """torch.export.load views each payload's bytes with the sizes and strides its config gives
+    (``torch.as_strided``): they must fit those bytes as a pickled tensor's must fit its storage."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    what = f"its {fqn}"
+    if not isinstance(meta, dict) or record not in archive.records:
+        raise Refused(f"{what} has no tensor description or no payload, as torch.export.save writes them")
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype")) if isinstance(meta.get("dtype"), int) else None
+
+    def ints(values: Any) -> list[Any]:
+        if not isinstance(values, list) or not all(isinstance(v, dict) and set(v) == {"as_int"} for v in values):
+            raise Refused(f"{what} has sizes or strides that are not plain integers")
+        return [v["as_int"] for v in values]
+
+    offset = meta.get("storage_offset")
+    if dtype is None or not isinstance(offset, dict) or set(offset) != {"as_int"}:
+        raise Refused(f"{what} has no dtype or offset as torch.export.save writes them")
+    size = int(archive.reader.get_record_size(record))
+    check_view(size, offset["as_int"], ints(meta.get("sizes")), ints(meta.get("strides")), dtype.itemsize, what)
 
 
 def _vet_sample_inputs(record: str, data: bytes) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ _HOOK_DICTS = frozenset(("_forward_hooks", "_forward_pre_hooks", "_backward_hook
                          "_load_state_dict_post_hooks"))
 _HOOK_FLAGS = frozenset(("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                          "_forward_pre_hooks_with_kwargs"))
+_BOOKKEEPING = frozenset(vars(nn.Module()))
 _PLAIN = (str, bytes, bytearray, int, float, bool, complex, type(None), slice, range)
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme, torch.device, torch.Size,
                  torch.storage.TypedStorage, torch.storage.UntypedStorage)
@@ -129,6 +131,9 @@ class _Walker:
         if admitted is not None or callable(value) and not self.policy.kind_of(type(value)):
             what = admitted.name if admitted is not None else type(value).__qualname__
             raise Refused(f"{path}: holds {what} as a value, which installed code could call")
+        numpy = type(value).__module__.split(".")[0] == "numpy"  # what numpy's object arrays hold is out of sight
+        if numpy and getattr(getattr(value, "dtype", value), "hasobject", False):
+            raise Refused(f"{path}: holds a numpy array of Python objects, which convfuse does not admit")
         if (
             isinstance(value, torch.Tensor)
             or self.policy.kind_of(type(value)) in (Kind.DATA, Kind.INERT)
@@ -151,6 +156,7 @@ class _Walker:
     def _module(self, module: nn.Module, path: _Path, depth: int) -> list[Item]:
         attributes = object.__getattribute__(module, "__dict__")
         cls = type(module)
+        _check_unique_names(attributes, path)
         children: list[Item] = []
         for key, value in attributes.items():
             where = path.attr(key)
@@ -173,6 +179,8 @@ class _Walker:
             elif key == "_non_persistent_buffers_set":
                 if not isinstance(value, set) or not all(isinstance(k, str) for k in value):
                     raise Refused(f"{where}: holds a {type(value).__name__}, not a set of buffer names")
+            elif key == "_flat_weight_refs" and isinstance(module, nn.RNNBase):
+                _check_weight_refs(value, attributes.get("_flat_weights"), where)
             elif key in ("training", "_is_full_backward_hook"):
                 if not isinstance(value, (bool, type(None))):
                     raise Refused(f"{where}: holds a {type(value).__name__}, not a flag")
@@ -212,3 +220,34 @@ class _Walker:
                     f"{path}: a {type(module).__qualname__} module kept outside the module tree "
                     "(not a registered submodule), which convfuse could neither check nor rewrite"
                 )
+
+
+def _check_weight_refs(refs: Any, weights: Any, where: _Path) -> None:
+    """An RNN's weak references to its ``_flat_weights``, which its ``__setstate__`` makes (a file
+    cannot name weakref): each must point at the weight in its place, or be None where that is."""
+    if type(refs) is not list or type(weights) is not list or len(refs) != len(weights) or any(
+        (ref is not None or weight is not None) and not (type(ref) is weakref.ref and ref() is weight)
+        for ref, weight in zip(refs, weights)
+    ):
+        raise Refused(f"{where}: holds something other than references to the RNN's own weights")
+
+
+_SLOT_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _check_unique_names(attributes: dict, path: _Path) -> None:
+    """Refused where one name is in two of a module's parameters, buffers, submodules and plain
+    attributes (nn.Module's own ``__setattr__`` never leaves it so): its forward would use one,
+    its ``state_dict`` (what a state_dict or safetensors output holds) another."""
+    seen: dict[str, str] = {}
+    places = [(key, "attribute") for key in attributes if key not in _BOOKKEEPING]
+    for slot in _SLOT_DICTS:
+        value = attributes.get(slot)
+        if isinstance(value, dict):
+            places += [(key, slot) for key in value if isinstance(key, str)]
+    for key, place in places:
+        if seen.setdefault(key, place) != place:
+            raise Refused(
+                f"{path}: {key!r} is both in {seen[key]} and in {place}: forward would use one, the "
+                "state_dict the other"
+            )

@@ -186,13 +186,14 @@ class Policy:
             package = str(package).strip()
             if not package or not all(part.isidentifier() for part in package.split(".")):
                 raise ValueError(f"--allow {package!r}: expected a package name such as mypkg or ultralytics")
-            extra.append(package.split(".")[0])
+            extra.append(package)  # a dotted name admits that module and those below it, no more
         self.packages = tuple(dict.fromkeys((*DEFAULT_PACKAGES, *extra)))
         self._by_name: dict[str, Admitted] = {}
         self._by_id: dict[int, Admitted] = {}
 
     def allowed(self, module: str) -> bool:
-        return module.split(".")[0] in self.packages
+        parts = module.split(".")
+        return any(".".join(parts[:i]) in self.packages for i in range(1, len(parts) + 1))
 
     def admission(self, obj: Any) -> Admitted | None:
         """How ``obj`` (a global the file named) was admitted, or None if it was not."""

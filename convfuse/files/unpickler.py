@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from convfuse.files.bounds import ViewBudget, check_rnn_state
 from convfuse.files.trust import Kind, Policy, Refused, is_layer_class, python3_name
 
 __all__ = ["MAX_OPCODES", "pickle_module", "shadowed"]
@@ -106,6 +107,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
     def __init__(self, file: Any, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self._opcodes = 0
+        self._views = ViewBudget()
 
     # -- names -----------------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
         admitted = self.policy.admission(func)
         kind = admitted.kind if admitted is not None else None
         if kind is Kind.REBUILD:
-            _check_rebuild(self.policy, admitted.name, args)
+            _check_rebuild(self.policy, admitted.name, args, self._views)
             return func(*args)
         if kind is Kind.INERT:
             _check_inert_call(admitted.name, func, args)
@@ -185,6 +187,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
         if isinstance(inst, torch.Tensor):
             if cls is not torch.Tensor or not isinstance(state, tuple) or len(state) != 4:
                 raise Refused("the file sets the state of a tensor other than by its storage")
+            self._views.view(*state, inst.element_size(), "the file's legacy tensor")
             inst.set_(*state)  # a legacy tensor: storage, offset, size, stride
         elif kind is Kind.PARTIAL or isinstance(inst, functools.partial):
             _check_partial_state(state)
@@ -201,6 +204,8 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined, misc]
                         "in place of the class's own, where code would call it"
                     )
             if kind is Kind.MODULE:
+                if isinstance(inst, torch.nn.RNNBase):
+                    check_rnn_state(state)  # its __setstate__ loops over the layers the file chose
                 inst.__setstate__(state)  # torch's own (checked at admission): fills missing hook dicts
             else:
                 inst.__dict__.update(state)
@@ -346,18 +351,23 @@ def _check_partial_state(state: Any) -> None:
         )
 
 
-_STORAGES = (torch.storage.TypedStorage, torch.storage.UntypedStorage)
-
-
-def _check_rebuild(policy: Policy, name: str, args: tuple) -> None:
+def _check_rebuild(policy: Policy, name: str, args: tuple, views: ViewBudget) -> None:
     """Refused where a tensor rebuild's arguments would do more than rebuild a tensor."""
     short = name.rsplit(".", 1)[1]
     what = f"the file's {short}"
     if short in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"):
-        if not args or not isinstance(args[0], _STORAGES):
+        if len(args) < 4 or not isinstance(args[0], torch.storage.TypedStorage):
             raise Refused(f"{what} rebuilds a tensor from a {type(args[0]).__name__ if args else 'nothing'}")
+        dtype = args[6] if short == "_rebuild_tensor_v3" and len(args) > 6 else args[0].dtype
+        if not isinstance(dtype, torch.dtype):
+            raise Refused(f"{what} gives a tensor the dtype {type(dtype).__name__}")
+        views.view(args[0], args[1], args[2], args[3], dtype.itemsize, what)
         if len(args) > 5:
             _empty_hooks(args[5], what)
+    elif short == "_rebuild_meta_tensor_no_storage":
+        if len(args) < 3 or not isinstance(args[0], torch.dtype):
+            raise Refused(f"{what} rebuilds a meta tensor from something other than a dtype and a shape")
+        views.view(None, 0, args[1], args[2], args[0].itemsize, what)
     elif short in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
         if len(args) < 3 or not isinstance(args[0], torch.Tensor):
             raise Refused(f"{what} rebuilds a parameter from something other than a tensor")
@@ -376,14 +386,14 @@ def _check_rebuild(policy: Policy, name: str, args: tuple) -> None:
             raise Refused(f"{what} makes a tensor of type {getattr(new_type, '__qualname__', new_type)!s}")
         if not isinstance(inner, tuple):
             raise Refused(f"{what} has arguments that are not a tuple")
-        _check_rebuild(policy, policy.admission(func).name, inner)
+        _check_rebuild(policy, policy.admission(func).name, inner, views)
         _check_object_state(new_type, state, what)
     elif short == "_get_layout":
         if len(args) != 1 or not isinstance(args[0], str):
             raise Refused(f"{what} names a layout by something other than a string")
-    elif short == "encode":
-        if not all(isinstance(a, str) for a in args):
-            raise Refused(f"{what} encodes something other than a string")
+    elif short == "encode" and not (len(args) == 2 and isinstance(args[0], str) and args[1] == "latin1"):
+        # pickle writes bytes as encode(text, "latin1"); any other codec name is a lookup (an import)
+        raise Refused(f"{what} encodes something other than a string as latin1 (how pickle writes bytes)")
 
 
 def pickle_module(policy: Policy) -> types.ModuleType:
