@@ -121,7 +121,7 @@ def split_stats(stats: Stats, index: int, combine: str, sizes: list[int]) -> Sta
     """The part of a norm that producer ``index`` absorbs: of a sum, every term is scaled but only
     the first takes the shift; of a channel concatenation (``combine`` ``"cat"``), each part takes
     its own channel slice of ``sizes``."""
-    running_mean, running_var, eps, weight, bias = stats
+    running_mean, running_var, eps, weight, _ = stats
     if combine == "sum" and index > 0:
         return torch.zeros_like(running_mean), running_var, eps, weight, None
     if combine == "cat":
