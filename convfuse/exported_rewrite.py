@@ -70,24 +70,25 @@ def fuse_program(program: ExportedProgram) -> tuple[ExportedProgram, FuseReport]
     )
     rewrite = _Rewrite(program)
     norms = find_norms(rewrite)
-    fused: dict[str, FusedPair] = {}
-    first_reason: dict[str, Skipped] = {}
+    fused: dict[int, FusedPair] = {}
+    first_reason: dict[int, Skipped] = {}
+    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
     for find in (norm_after, norm_first):
-        for norm in norms:
-            if norm.name in fused:
+        for index, norm in enumerate(norms):
+            if index in fused:
                 continue
             outcome = _try(rewrite, norm, find)
             if isinstance(outcome, FusedPair):
-                fused[norm.name] = outcome
-            elif outcome is not None:
-                first_reason.setdefault(norm.name, outcome)
-    order = {norm.name: i for i, norm in enumerate(norms)}
-    skipped = [s for name, s in first_reason.items() if name not in fused]
-    skipped += [Skipped(n.name, None, Reason.NO_PRODUCER) for n in norms if n.name not in fused and n.name not in first_reason]
-    skipped.sort(key=lambda s: order.get(s.norm, 0))
+                fused[index] = outcome
+            elif isinstance(outcome, Skipped):
+                (no_pair if outcome.producer is None else first_reason).setdefault(index, outcome)
+    skipped = [
+        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
+        for i, norm in enumerate(norms) if i not in fused
+    ]
     skipped += _in_branches(program)
     result = rewrite.program_after() if fused else program
-    report.fused = sorted(fused.values(), key=lambda f: order[f.norm])
+    report.fused = [fused[i] for i in sorted(fused)]
     report.skipped = skipped
     report.norm_layers = Count(report.norm_layers.before, _count_norms(result))
     report.parameters = Count(report.parameters.before, _count_parameters(result))

@@ -223,10 +223,44 @@ def _ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]:
     except Exception:  # shapes stay unknown; pairs that need them are skipped
         return {}
     ranks = {}
+    ranks_by_value: dict[int, int] = {}
     for original, analysed in zip(nodes(frozen.graph.block()), nodes(copy.block())):
         outputs = list(analysed.outputs())
         kind = outputs[0].type() if outputs else None
         rank = kind.dim() if isinstance(kind, torch._C.TensorType) else None
+        if rank is None:
+            rank = _rank_from_inputs(analysed, ranks_by_value)
         if rank is not None:
             ranks[original] = rank
+            if outputs:
+                ranks_by_value[outputs[0].unique()] = rank
     return ranks
+
+
+_SAME_RANK = {
+    "aten::linear", "aten::relu", "aten::relu_", "aten::hardswish", "aten::hardswish_", "aten::sigmoid",
+    "aten::silu", "aten::silu_", "aten::gelu", "aten::hardtanh", "aten::hardtanh_", "aten::dropout",
+    "aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool3d", "aten::contiguous",
+}
+
+
+def _rank_from_inputs(node: Any, ranks: dict[int, int]) -> int | None:
+    """The rank of ``node``'s output from its input's, for the few ops whose rank complete shape
+    analysis leaves unknown in a classifier head (mean over axes, flatten, linear, activations)."""
+    inputs = list(node.inputs())
+    source = ranks.get(inputs[0].unique()) if inputs else None
+    if source is None:
+        return None
+    kind = node.kind()
+    if kind in _SAME_RANK:
+        return source
+    if kind in ("aten::mean", "aten::sum", "aten::amax") and len(inputs) >= 3:
+        dims, keep = inputs[1].toIValue() if inputs[1].node().kind() == "prim::Constant" else None, inputs[2].toIValue()
+        if isinstance(dims, list) and keep is False:
+            return source - len({d % source for d in dims})
+        return source if keep is True else None
+    if kind == "aten::flatten" and len(inputs) == 3:
+        start, end = inputs[1].toIValue(), inputs[2].toIValue()
+        if isinstance(start, int) and isinstance(end, int) and source:
+            return source - (end % source - start % source)
+    return None

@@ -146,8 +146,9 @@ def fold_graph(
     ``module_of(node, stored)``: the module path and class of the call that ran ``node``."""
     view = _View()
     norms = _find_norms(graph, view, module_of)
-    fused: dict[str, FusedPair] = {}
+    fused: dict[int, FusedPair] = {}
     first_reason: dict[int, Skipped] = {}
+    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
     for find in (_norm_after, _norm_first):
         for index, norm in enumerate(norms):
             if index in fused:
@@ -156,7 +157,7 @@ def fold_graph(
             if pair is None:
                 continue
             if isinstance(pair, str):
-                first_reason.setdefault(index, Skipped(norm.name, None, pair))
+                no_pair.setdefault(index, Skipped(norm.name, None, pair))
                 continue
             why = check(_describe(view, pair, ranks))
             if why is not None:
@@ -165,7 +166,8 @@ def fold_graph(
             _fold(graph, pair)
             fused[index] = FusedPair(pair.producer, norm.name, pair.kind)
     skipped = [
-        first_reason.get(i, Skipped(norm.name, None, Reason.NO_PRODUCER)) for i, norm in enumerate(norms) if i not in fused
+        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
+        for i, norm in enumerate(norms) if i not in fused
     ]
     return [fused[i] for i in sorted(fused)], skipped
 
