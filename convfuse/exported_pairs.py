@@ -130,6 +130,9 @@ class _View:
     def key(self, node: Any) -> Any:
         return node
 
+    def tensor(self, node: Any) -> Any:
+        return self.rewrite.tensor(node)
+
 
 @dataclass
 class Norm:
@@ -293,10 +296,12 @@ def describe(rewrite: Any, pair: Pair) -> Candidate:
         called_twice=flags.get(Reason.CALLED_TWICE, False),
         shared_parameter=flags.get(Reason.SHARED_PARAMETER, False),
         direct_access=flags.get(Reason.DIRECT_ACCESS, False),
-        training=norm.training is not False or any(rewrite.target(s) in rewrite.mutated for s in stats),
+        # without running statistics BatchNorm's forward passes training=True: that reason first
+        training=all(s is not None for s in stats)
+        and (norm.training is not False or any(rewrite.target(s) in rewrite.mutated for s in stats)),
         running_stats=all(s is not None for s in stats),
         stored=stored,
-        hyperparameters_known=hyper and (not pair.first or packet(pair.producers[0]) not in TRANSPOSED_CONVS),
+        hyperparameters_known=hyper,
         floating=all(t.is_floating_point() for t in floating),
         devices=len({t.device for t in floating}),
         producer_channels=tuple(channels),

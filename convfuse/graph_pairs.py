@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from convfuse.reasons import Combine, Reason
 
-__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "match_frozen"]
+__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "match_affine", "match_frozen"]
 
 
 class GraphView(Protocol):
@@ -45,6 +45,9 @@ class GraphView(Protocol):
 
     def key(self, value: Any) -> Any:
         """A hashable identity of ``value``."""
+
+    def tensor(self, value: Any) -> Any:
+        """The stored tensor ``value`` is, else None."""
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Decomposed:
     running_var: Any
     eps: float
     values: list[Any] = field(default_factory=list)  # the values computing it, output first
+    affine: bool = False  # weight and bias are the stored scale and shift, (1, C, 1, 1); no statistics
 
 
 def match_frozen(view: GraphView, output: Any) -> Decomposed | None:
@@ -123,6 +127,29 @@ def match_frozen(view: GraphView, output: Any) -> Decomposed | None:
             values = [output, product, *shift_values, scale, *scale_values]
             return Decomposed(x, output, weight, bias, running_mean, running_var, eps, values)
     return None
+
+
+def match_affine(view: GraphView, output: Any) -> Decomposed | None:
+    """``input * scale + shift`` with stored ``(1, C, 1, 1)`` scale and shift ending at the addition
+    ``output``: a FrozenBatchNorm2d whose statistics freezing or tracing already computed into two
+    constants. Else None."""
+    if view.op(output) != "add" or len(view.operands(output)) != 2:
+        return None
+    for product, shift in _orders(view.operands(output)):
+        if view.op(product) != "mul" or view.users(product) != 1:
+            continue
+        for x, scale in _orders(view.operands(product)):
+            scale_tensor, shift_tensor = view.tensor(scale), view.tensor(shift)
+            if view.stored(x) or not _per_channel(scale_tensor) or not _per_channel(shift_tensor):
+                continue
+            if scale_tensor.shape == shift_tensor.shape:
+                return Decomposed(x, output, scale, shift, None, None, 0.0, [output, product], affine=True)
+    return None
+
+
+def _per_channel(tensor: Any) -> bool:
+    shape = getattr(tensor, "shape", None)
+    return shape is not None and len(shape) == 4 and shape[0] == 1 and tuple(shape[2:]) == (1, 1)
 
 
 def _orders(operands: list[Any]) -> list[tuple[Any, Any]]:

@@ -171,7 +171,7 @@ def _freeze(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
 
 def _count_norms(graph: Any) -> int:
     """``aten::batch_norm`` ops and decomposed FrozenBatchNorm2d layers."""
-    return count_norms(graph)
+    return count_norms(graph, _module_of)
 
 
 def _count_weights(graph: Any) -> int:
@@ -223,7 +223,9 @@ def _ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]:
     except Exception:  # shapes stay unknown; pairs that need them are skipped
         return {}
     ranks = {}
-    ranks_by_value: dict[int, int] = {}
+    ranks_by_value = {
+        value.unique(): tensor.dim() for value, tensor in zip(list(copy.inputs())[1:], batch[0]) if isinstance(tensor, Tensor)
+    }
     for original, analysed in zip(nodes(frozen.graph.block()), nodes(copy.block())):
         outputs = list(analysed.outputs())
         kind = outputs[0].type() if outputs else None

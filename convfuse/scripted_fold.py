@@ -16,7 +16,7 @@ from torch import Tensor
 
 from convfuse.checks import Candidate, check
 from convfuse.folding import fold_weights
-from convfuse.graph_pairs import Decomposed, find_feed, match_frozen
+from convfuse.graph_pairs import Decomposed, find_feed, match_affine, match_frozen
 from convfuse.patterns import Skipped
 from convfuse.reasons import Combine, Reason
 from convfuse.report import FusedPair
@@ -93,6 +93,10 @@ class _View:
 
     def key(self, value: Any) -> Any:
         return value.unique()
+
+    def tensor(self, value: Any) -> Any:
+        stored = constant(value)
+        return stored if isinstance(stored, Tensor) else None
 
 
 @dataclass
@@ -172,11 +176,12 @@ def fold_graph(
     return [fused[i] for i in sorted(fused)], skipped
 
 
-def count_norms(graph: Any) -> int:
+def count_norms(graph: Any, module_of: Callable[[Any, Any], tuple[str, str | None]]) -> int:
+    """``aten::batch_norm`` ops and FrozenBatchNorm2d layers (decomposed, or as an affine map)."""
     view = _View()
     return sum(
         1 for node in nodes(graph.block())
-        if node.kind() == NORM or (node.kind() == "aten::add" and match_frozen(view, node.output()) is not None)
+        if node.kind() == NORM or (node.kind() == "aten::add" and _frozen(view, node, module_of) is not None)
     )
 
 
@@ -190,12 +195,32 @@ def _find_norms(graph: Any, view: _View, module_of: Callable[[Any, Any], tuple[s
             stats = (inputs[3], inputs[4], inputs[1], inputs[2])
             found.append(_Norm(node.output(), inputs[0], stats, constant(inputs[7]), constant(inputs[5]), name, cls))
         elif node.kind() == "aten::add" and len(list(node.outputs())) == 1:
-            decomposed = match_frozen(view, node.output())
+            decomposed = _frozen(view, node, module_of)
             if decomposed is not None:
                 name, cls = module_of(node, decomposed.running_mean)
                 stats = (decomposed.running_mean, decomposed.running_var, decomposed.weight, decomposed.bias)
                 found.append(_Norm(node.output(), decomposed.input, stats, decomposed.eps, False, name, cls, decomposed))
     return found
+
+
+def _frozen(view: _View, node: Any, module_of: Any) -> Decomposed | None:
+    """The FrozenBatchNorm2d ending at the addition ``node``: decomposed, or (where freezing or
+    tracing computed its scale and shift) an affine map run by a FrozenBatchNorm2d module."""
+    decomposed = match_frozen(view, node.output())
+    if decomposed is None:
+        decomposed = match_affine(view, node.output())
+        if decomposed is not None and module_of(node, None)[1] != "FrozenBatchNorm2d":
+            return None
+    return decomposed
+
+
+def _stat_values(norm: _Norm) -> list[Any]:
+    """running_mean, running_var, weight, bias as constants (_MISSING where computed); an affine
+    map's scale and shift as the statistics of a norm that computes it exactly (rsqrt(1 + 0) = 1)."""
+    if norm.decomposed is not None and norm.decomposed.affine:
+        scale, shift = constant(norm.decomposed.weight).flatten(), constant(norm.decomposed.bias).flatten()
+        return [torch.zeros_like(scale), torch.ones_like(scale), scale, shift]
+    return [constant(v) for v in norm.stats]
 
 
 def _norm_after(view: _View, norm: _Norm, module_of: Any) -> _Pair | str:
@@ -234,7 +259,7 @@ def _describe(view: _View, pair: _Pair, ranks: dict[Any, int]) -> Candidate:
     for producer in pair.producers:
         inputs = list(producer.inputs())
         weights += [constant(inputs[1]), constant(inputs[2])]
-    stats = [constant(v) for v in norm.stats]
+    stats = _stat_values(norm)
     stored = [*weights, *stats]
     tensors = [t for t in stored if isinstance(t, Tensor)]
     hyper = [_hyper(p) for p in pair.producers]
@@ -297,7 +322,7 @@ def _zero_padded(conv: Any) -> bool:
 
 def _fold(graph: Any, pair: _Pair) -> None:
     norm = pair.norm
-    running_mean, running_var, weight, bias = (constant(v) for v in norm.stats)
+    running_mean, running_var, weight, bias = _stat_values(norm)
     producers = []
     for producer in pair.producers:
         inputs = list(producer.inputs())
