@@ -1,5 +1,5 @@
-"""The BatchNorm fold on an ExportedProgram's ATen graph: find convolution (or 2-D linear) ->
-batch-norm pairs, check each is safe, and build a new program with the folded weights.
+"""The BatchNorm fold on an ExportedProgram's ATen graph: the pairs ``exported_pairs`` finds,
+judged by the shared table of checks (``convfuse.checks``), folded into a new program.
 
 The fold rewrites a copy of the program's graph rather than re-exporting ``program.module()``:
 a re-export needs inputs and dynamic-shape specs the program no longer carries in a usable
@@ -7,7 +7,8 @@ form, and it would rename nodes and lose custom metadata, preserved module call 
 custom ops that the user's own export options produced. Only the pieces the fold touches change:
 the conv's weight (and bias) tensors, a new bias input where the conv had none (added to the
 graph signature and state_dict as a parameter of the conv's module, e.g. ``layer1.0.conv1.bias``,
-among the other parameters), and the batch-norm node with the inputs only it read. Tensors the
+among the other parameters; ``block1-0.proj.0.bias`` becomes the node ``p_block1_0_proj_0_bias``),
+and the norm's nodes with the inputs only they read. Tensors the
 fold does not touch are shared with the original program, never copied. The result is checked by
 ``ExportedProgram``'s own verifier when it is built.
 """

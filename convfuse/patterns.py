@@ -1,7 +1,8 @@
 """The table of foldable pairs, the records of a match, and why a match is not folded.
 
 Everything here reads; nothing mutates a model. ``convfuse.matching.find_matches`` walks the
-graphs and produces ``Match`` records; ``skip_reason`` decides whether one is safe to fold.
+graphs and produces ``Match`` records; ``describe`` states one as a ``checks.Candidate`` and
+``skip_reason`` / ``why_skipped`` run the shared table of checks (``convfuse.checks``) over it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""TorchScript (``torch.jit.save`` archives): fold BatchNorm into the convolution before it in a
-frozen copy of the module, one call site at a time, with convfuse's float64 math.
+"""TorchScript (``torch.jit.save`` archives): fold BatchNorm into the conv/linear layers beside it
+in a frozen copy of the module, one call site at a time, with convfuse's float64 math (the pairs
+and the fold are in ``scripted_fold``, judged by the shared ``convfuse.checks``).
 
 Why freeze rather than rewrite the module tree: in TorchScript, modules of the same class and
 configuration share one type and one compiled ``forward``, so a graph edit made for one instance
@@ -49,7 +50,8 @@ def fuse_scripted(
     rtol: float | None = None,
     inplace: bool = False,
 ) -> FuseResult:
-    """Fold every batch norm that follows a convolution in a scripted or traced module's forward.
+    """Fold every batch norm of a scripted or traced module's forward that the module path would
+    fold (after a conv or linear, a sum or channel concat of them, before one, FrozenBatchNorm2d).
 
     Returns a frozen copy (see the module doc); ``model`` is never changed, so ``inplace`` has no
     effect. Without example inputs, they are the traced inputs of a traced module, else inferred
