@@ -112,7 +112,8 @@ def fuse_exported(
     atol: float | None = None,
     rtol: float | None = None,
 ) -> FuseResult:
-    """Fold every batch norm that follows a convolution (or a 2-D linear) in ``program``'s graph.
+    """Fold every batch norm of ``program``'s graph that the module path would fold: after a conv
+    or 2-D linear, a sum or channel concat of them, before one (norm first), FrozenBatchNorm2d.
 
     ``program`` is never changed; the result is a new ExportedProgram with the same calling
     convention. Example inputs default to those saved with the program, else random tensors of

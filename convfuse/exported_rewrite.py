@@ -1,5 +1,5 @@
-"""The BatchNorm fold on an ExportedProgram's ATen graph: find convolution (or 2-D linear) ->
-batch-norm pairs, check each is safe, and build a new program with the folded weights.
+"""The BatchNorm fold on an ExportedProgram's ATen graph: the pairs ``exported_pairs`` finds,
+judged by the shared table of checks (``convfuse.checks``), folded into a new program.
 
 The fold rewrites a copy of the program's graph rather than re-exporting ``program.module()``:
 a re-export needs inputs and dynamic-shape specs the program no longer carries in a usable
@@ -7,7 +7,8 @@ form, and it would rename nodes and lose custom metadata, preserved module call 
 custom ops that the user's own export options produced. Only the pieces the fold touches change:
 the conv's weight (and bias) tensors, a new bias input where the conv had none (added to the
 graph signature and state_dict as a parameter of the conv's module, e.g. ``layer1.0.conv1.bias``,
-among the other parameters), and the batch-norm node with the inputs only it read. Tensors the
+among the other parameters; ``block1-0.proj.0.bias`` becomes the node ``p_block1_0_proj_0_bias``),
+and the norm's nodes with the inputs only they read. Tensors the
 fold does not touch are shared with the original program, never copied. The result is checked by
 ``ExportedProgram``'s own verifier when it is built.
 """
@@ -15,14 +16,12 @@ fold does not touch are shared with the original program, never copied. The resu
 from __future__ import annotations
 
 import copy
-import operator
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
     ExportGraphSignature,
@@ -32,30 +31,28 @@ from torch.export.graph_signature import (
     TensorArgument,
 )
 
-from convfuse.folding import fuse_conv_bn_weights
+from convfuse.checks import check
+from convfuse.exported_pairs import (
+    Norm,
+    Pair,
+    arguments,
+    count_norms,
+    describe,
+    find_norms,
+    groups,
+    is_norm_op,
+    norm_after,
+    norm_first,
+    stack,
+    transposed,
+)
+from convfuse.folding import fold_weights
 from convfuse.patterns import Reason, Skipped
 from convfuse.report import Count, FusedPair, FuseReport
 
 __all__ = ["fuse_program"]
 
 
-def _ops(*names: str) -> frozenset[Any]:
-    """The ATen overload packets of ``names`` that this torch build has."""
-    return frozenset(p for p in (getattr(torch.ops.aten, name, None) for name in names) if p is not None)
-
-
-_CONVS = _ops("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
-_TRANSPOSED_CONVS = _ops("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-_LINEARS = _ops("linear")
-_NORMS = _ops(
-    "batch_norm",  # training IR (torch.export.export)
-    "_native_batch_norm_legit_no_training",  # inference IR (run_decompositions)
-    "_native_batch_norm_legit",
-    "_native_batch_norm_legit_functional",
-    "native_batch_norm",
-    "cudnn_batch_norm",
-    "miopen_batch_norm",
-)
 _LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _NAME_PREFIX = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
 _MUTATIONS = (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION, OutputKind.USER_INPUT_MUTATION)
@@ -63,146 +60,54 @@ _MUTATIONS = (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION, OutputK
 
 def fuse_program(program: ExportedProgram) -> tuple[ExportedProgram, FuseReport]:
     """Find, check and fold every pair: the program after (``program`` itself where nothing was
-    folded; it is never changed) and the report, verification not yet run."""
+    folded; it is never changed) and the report, verification not yet run.
+
+    As on the module path, every norm is first tried with the layers feeding it, then the norms
+    left with the layer reading them (norm first).
+    """
     report = FuseReport(
         norm_layers=Count(_count_norms(program), 0),
         parameters=Count(_count_parameters(program), 0),
     )
     rewrite = _Rewrite(program)
-    fused: list[FusedPair] = []
-    skipped: list[Skipped] = []
-    for norm in [n for n in rewrite.graph.nodes if _is_norm(n)]:
-        outcome = _match(rewrite, norm)
-        if isinstance(outcome, Skipped):
-            skipped.append(outcome)
-            continue
-        _fold(rewrite, outcome)
-        fused.append(FusedPair(outcome.producer, outcome.norm_name, outcome.kind))
+    norms = find_norms(rewrite)
+    fused: dict[int, FusedPair] = {}
+    first_reason: dict[int, Skipped] = {}
+    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
+    for find in (norm_after, norm_first):
+        for index, norm in enumerate(norms):
+            if index in fused:
+                continue
+            outcome = _try(rewrite, norm, find)
+            if isinstance(outcome, FusedPair):
+                fused[index] = outcome
+            elif isinstance(outcome, Skipped):
+                (no_pair if outcome.producer is None else first_reason).setdefault(index, outcome)
+    skipped = [
+        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
+        for i, norm in enumerate(norms) if i not in fused
+    ]
     skipped += _in_branches(program)
     result = rewrite.program_after() if fused else program
-    report.fused, report.skipped = fused, skipped
+    report.fused = [fused[i] for i in sorted(fused)]
+    report.skipped = skipped
     report.norm_layers = Count(report.norm_layers.before, _count_norms(result))
     report.parameters = Count(report.parameters.before, _count_parameters(result))
     return result, report
 
 
-# -- finding and checking pairs (read-only) ---------------------------------------------
-
-
-@dataclass
-class _Pair:
-    """A convolution (or linear) whose output only a batch norm reads, with what the fold needs."""
-
-    conv: fx.Node
-    norm: fx.Node
-    producer: str
-    norm_name: str
-    kind: str
-    conv_args: dict[str, Any]
-    norm_args: dict[str, Any]
-
-    @property
-    def eps(self) -> Any:
-        return self.norm_args.get("eps", self.norm_args.get("epsilon"))
-
-    @property
-    def transposed(self) -> Any:
-        return self.conv_args.get("transposed", _packet(self.conv) in _TRANSPOSED_CONVS)
-
-    @property
-    def groups(self) -> Any:
-        return self.conv_args.get("groups", 1)
-
-
-def _match(rewrite: _Rewrite, norm: fx.Node) -> _Pair | Skipped:
-    """The pair ``norm`` ends if it is safe to fold, else why not."""
-    norm_args = _arguments(norm)
-    norm_name = _norm_name(rewrite, norm, norm_args)
-    conv = norm_args["input"]
-    if not _is_producer(conv):
-        return Skipped(norm_name, None, Reason.NO_PRODUCER)
-    conv_args = _arguments(conv)
-    producer = _producer_name(rewrite, conv, conv_args)
-    kind = _kind(conv, producer, norm, norm_name)
-    pair = _Pair(conv, norm, producer, norm_name, kind, conv_args, norm_args)
-    reason = _skip_reason(rewrite, pair)
-    return pair if reason is None else Skipped(norm_name, producer, reason)
-
-
-def _skip_reason(rewrite: _Rewrite, pair: _Pair) -> str | None:
-    """Why folding ``pair`` would not be exact, or None where every check passes."""
-    conv, norm = pair.conv, pair.norm
-    weight, bias = pair.conv_args["weight"], pair.conv_args.get("bias")
-    stats = [pair.norm_args.get("running_mean"), pair.norm_args.get("running_var")]
-    if any(s is None for s in stats):
-        return Reason.NO_RUNNING_STATS
-    training = pair.norm_args.get("training", False)
-    if training is not False or any(rewrite.target(s) in rewrite.mutated for s in stats):
-        return Reason.TRAINING
-    for node in (weight, bias):
-        reason = _weight_use_reason(rewrite, node, conv) if isinstance(node, fx.Node) else None
-        if reason is not None:
-            return reason
-    if list(conv.users) != [norm] or conv.name in rewrite.boundaries:
-        return Reason.OTHER_USERS
-    if _norm_outputs(norm) is None:
-        return Reason.NORM_OUTPUT_USERS
-    optional = [bias, pair.norm_args.get("weight"), pair.norm_args.get("bias")]
-    stored = [weight, *stats, *(n for n in optional if n is not None)]
-    tensors = [rewrite.tensor(n) for n in stored]
-    if any(t is None for t in tensors):
-        return Reason.COMPUTED_WEIGHT
-    if not isinstance(pair.eps, (int, float)) or not isinstance(pair.groups, int):
-        return Reason.UNSUPPORTED_PAIR  # symbolic hyperparameters
-    if not isinstance(pair.transposed, bool):
-        return Reason.UNSUPPORTED_PAIR
-    if not all(t.is_floating_point() for t in tensors):
-        return Reason.NOT_FLOATING
-    if len({t.device for t in tensors}) > 1:
-        return Reason.DEVICES
-    value = conv.meta.get("val")
-    if _packet(conv) in _LINEARS:
-        if not isinstance(value, Tensor):
-            return Reason.SHAPE_UNKNOWN
-        if value.dim() != 2:
-            return Reason.LINEAR_NOT_2D
-    elif not isinstance(value, Tensor):
-        return Reason.SHAPE_UNKNOWN
-    elif value.dim() != tensors[0].dim():  # an unbatched conv: the norm's axis 1 is not its channels
-        return Reason.NOT_CHANNELS
-    shape = tensors[0].shape
-    channels = shape[1] * pair.groups if pair.transposed else shape[0]
-    if tensors[1].numel() != channels:
-        return Reason.UNSUPPORTED_PAIR
-    return None
-
-
-def _weight_use_reason(rewrite: _Rewrite, node: fx.Node, conv: fx.Node) -> str | None:
-    """Why the conv's weight/bias input ``node`` must keep its value: something else reads it."""
-    others = [u for u in node.users if u is not conv]
-    if not others:
-        return Reason.SHARED_PARAMETER if rewrite.aliased(node) else None
-    if not all(_is_producer(u) for u in others):
-        return Reason.DIRECT_ACCESS
-    here = _stack(conv)
-    if here is not None and all((_stack(u) or ("",))[0] == here[0] for u in others):
-        return Reason.CALLED_TWICE
-    return Reason.SHARED_PARAMETER
-
-
-def _norm_outputs(norm: fx.Node) -> list[fx.Node] | None:
-    """The nodes that carry the normalised tensor; None where another output is read."""
-    if len(norm.target._schema.returns) == 1:
-        return [norm]
-    outputs = []
-    for user in norm.users:
-        if user.op != "call_function" or user.target is not operator.getitem:
-            return None
-        if user.args[1] == 0:
-            outputs.append(user)
-        elif user.users:  # the saved mean or inverse std is read
-            return None
-    return outputs
+def _try(rewrite: _Rewrite, norm: Norm, find: Any) -> FusedPair | Skipped | None:
+    """Fold ``norm`` with the pair ``find`` gives, or say why not (None: no candidate this way)."""
+    pair = find(rewrite, norm)
+    if pair is None:
+        return None
+    if isinstance(pair, str):
+        return Skipped(norm.name, None, pair)
+    why = check(describe(rewrite, pair))
+    if why is not None:
+        return Skipped(norm.name, pair.producer, why[0], why[1])
+    _fold(rewrite, pair)
+    return FusedPair(pair.producer, norm.name, pair.kind)
 
 
 def _in_branches(program: ExportedProgram) -> list[Skipped]:
@@ -210,87 +115,51 @@ def _in_branches(program: ExportedProgram) -> list[Skipped]:
     skipped = []
     for name, gm in _graph_modules(program):
         for node in gm.graph.nodes if name else ():
-            if _is_norm(node):
-                where = _stack(node)
+            if is_norm_op(node):
+                where = stack(node)
                 norm_name = where[0] if where else f"{name}.{node.name}"
                 skipped.append(Skipped(norm_name, None, Reason.IN_SUBGRAPH))
     return skipped
 
 
-# -- names --------------------------------------------------------------------------------
-
-
-def _stack(node: fx.Node) -> tuple[str, str] | None:
-    """The innermost module that ran ``node``: (its path from the root, its class name)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path, cls = list(stack.values())[-1]
-    path = str(path).removeprefix("L['self'].").removeprefix("L['self']")
-    name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return path, name
-
-
-def _norm_name(rewrite: _Rewrite, norm: fx.Node, norm_args: dict[str, Any]) -> str:
-    """The norm's module path, from its statistics' names (``layer1.0.bn1.running_mean``), else the
-    module that ran it, else the node's name."""
-    for key in ("running_mean", "weight", "running_var", "bias"):
-        owner = rewrite.owner(norm_args.get(key))
-        if owner:
-            return owner
-    where = _stack(norm)
-    return where[0] if where and where[0] else norm.name
-
-
-def _producer_name(rewrite: _Rewrite, conv: fx.Node, conv_args: dict[str, Any]) -> str:
-    owner = rewrite.owner(conv_args.get("weight"))
-    if owner:
-        return owner
-    where = _stack(conv)
-    return where[0] if where and where[0] else conv.name
-
-
-def _kind(conv: fx.Node, producer: str, norm: fx.Node, norm_name: str) -> str:
-    """``Conv2d+BatchNorm2d`` where both ops ran in those modules' own forward, else the op names."""
-    conv_where, norm_where = _stack(conv), _stack(norm)
-    if conv_where and norm_where and conv_where[0] == producer and norm_where[0] == norm_name:
-        return f"{conv_where[1]}+{norm_where[1]}"
-    return f"{conv.target.overloadpacket.__name__}+batch_norm"
-
-
 # -- folding --------------------------------------------------------------------------------
 
 
-def _fold(rewrite: _Rewrite, pair: _Pair) -> None:
-    """Write the folded weights, route the norm's users to the conv, drop what only the norm read."""
-    weight, bias = pair.conv_args["weight"], pair.conv_args.get("bias")
-    norm_inputs = [pair.norm_args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
-    running_mean, running_var, norm_weight, norm_bias = (
-        rewrite.tensor(n) if n is not None else None for n in norm_inputs
+def _fold(rewrite: _Rewrite, pair: Pair) -> None:
+    """Write the folded weights, route the norm's users past it, drop what only the norm read."""
+    norm = pair.norm
+    stats = [norm.stats[k] for k in ("running_mean", "running_var", "weight", "bias")]
+    running_mean, running_var, norm_weight, norm_bias = (rewrite.tensor(n) if n is not None else None for n in stats)
+    producers = []
+    for producer in pair.producers:
+        args = arguments(producer)
+        producers.append((rewrite.tensor(args["weight"]), rewrite.tensor(args.get("bias")), transposed(producer), groups(producer)))
+    folded = fold_weights(
+        producers, (running_mean, running_var, float(norm.eps), norm_weight, norm_bias),
+        combine=pair.combine, norm_first=pair.first,
     )
-    folded_weight, folded_bias = fuse_conv_bn_weights(
-        rewrite.tensor(weight),
-        rewrite.tensor(bias) if bias is not None else None,
-        running_mean,
-        running_var,
-        float(pair.eps),
-        norm_weight,
-        norm_bias,
-        transpose=pair.transposed,
-        groups=pair.groups,
-    )
-    rewrite.replace(weight, folded_weight)
-    if bias is not None:
-        rewrite.replace(bias, folded_bias)
+    for producer, name, (weight, bias) in zip(pair.producers, pair.names, folded):
+        args = arguments(producer)
+        rewrite.replace(args["weight"], weight)
+        if args.get("bias") is not None:
+            rewrite.replace(args["bias"], bias)
+        else:
+            _set_argument(producer, "bias", rewrite.add_input(args["weight"], f"{name}.bias", bias))
+    if pair.first:
+        _set_argument(pair.producers[0], "input", norm.input)
     else:
-        _set_argument(pair.conv, "bias", rewrite.add_input(weight, f"{pair.producer}.bias", folded_bias))
-    for output in _norm_outputs(pair.norm):
-        rewrite.rename_uses(output, pair.conv)
-    for user in list(pair.norm.users):  # getitems of the other outputs, read by nothing
-        rewrite.graph.erase_node(user)
-    rewrite.graph.erase_node(pair.norm)
-    counter = f"{pair.norm_name}.num_batches_tracked"
-    unused = [*norm_inputs, *(n for n in rewrite.graph.nodes if rewrite.target(n) == counter)]
+        for output in norm.outputs() or []:
+            rewrite.rename_uses(output, pair.output)
+    if norm.decomposed is not None:
+        for node in norm.decomposed.values:
+            if isinstance(node, fx.Node) and not node.users:
+                rewrite.graph.erase_node(node)
+    else:
+        for user in list(norm.node.users):  # getitems of the other outputs, read by nothing
+            rewrite.graph.erase_node(user)
+        rewrite.graph.erase_node(norm.node)
+    counter = f"{norm.name}.num_batches_tracked"
+    unused = [*stats, *(n for n in rewrite.graph.nodes if rewrite.target(n) == counter)]
     for node in unused:
         if isinstance(node, fx.Node):
             rewrite.remove_unused(node)
@@ -303,9 +172,10 @@ class _Rewrite:
     original program, never copied.
     """
 
-    def __init__(self, program: ExportedProgram) -> None:
+    def __init__(self, program: ExportedProgram, *, copy_graph: bool = True) -> None:
         self.program = program
-        self.gm = copy.deepcopy(program.graph_module)
+        # without copy_graph: a read-only view of the program's own graph (to count its norms)
+        self.gm = copy.deepcopy(program.graph_module) if copy_graph else program.graph_module
         self.graph = self.gm.graph
         for original, copied in zip(program.graph_module.graph.nodes, self.graph.nodes):
             # the copy renames nodes that shadow builtins (nn.Sequential's ``input`` becomes
@@ -394,7 +264,7 @@ class _Rewrite:
         specs = {node: self.spec(node) for node in self.graph.nodes}
         last = [node for node, spec in specs.items() if spec is not None and spec.kind == like_spec.kind][-1]
         with self.graph.inserting_after(last):
-            node = self.graph.placeholder(_NAME_PREFIX[like_spec.kind] + unique.replace(".", "_"))
+            node = self.graph.placeholder(_NAME_PREFIX[like_spec.kind] + re.sub(r"\W", "_", unique))
         node.meta["val"] = _fake(like, tensor)
         spec = InputSpec(like_spec.kind, TensorArgument(node.name), unique, like_spec.persistent)
         self.specs[node.name] = spec
@@ -440,21 +310,6 @@ class _Rewrite:
 # -- graph helpers ----------------------------------------------------------------------
 
 
-def _arguments(node: fx.Node) -> dict[str, Any]:
-    """An ATen node's arguments by schema name, defaults filled in."""
-    bound: dict[str, Any] = {}
-    for index, argument in enumerate(node.target._schema.arguments):
-        if index < len(node.args) and not argument.kwarg_only:
-            bound[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            bound[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            bound[argument.name] = argument.default_value
-        else:
-            bound[argument.name] = None
-    return bound
-
-
 def _set_argument(node: fx.Node, name: str, value: Any) -> None:
     index = next(i for i, a in enumerate(node.target._schema.arguments) if a.name == name)
     if index < len(node.args):
@@ -465,19 +320,6 @@ def _set_argument(node: fx.Node, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
-def _packet(node: Any) -> Any:
-    is_op = isinstance(node, fx.Node) and node.op == "call_function"
-    return node.target.overloadpacket if is_op and isinstance(node.target, torch._ops.OpOverload) else None
-
-
-def _is_norm(node: fx.Node) -> bool:
-    return _packet(node) in _NORMS
-
-
-def _is_producer(node: Any) -> bool:
-    return _packet(node) in _CONVS | _TRANSPOSED_CONVS | _LINEARS
-
-
 def _graph_modules(program: ExportedProgram) -> Iterator[tuple[str, fx.GraphModule]]:
     for name, module in program.graph_module.named_modules():
         if isinstance(module, fx.GraphModule):
@@ -485,7 +327,9 @@ def _graph_modules(program: ExportedProgram) -> Iterator[tuple[str, fx.GraphModu
 
 
 def _count_norms(program: ExportedProgram) -> int:
-    return sum(1 for _, gm in _graph_modules(program) for n in gm.graph.nodes if _is_norm(n))
+    """Batch-norm ops in every graph, and the decomposed FrozenBatchNorm2d layers of the top graph."""
+    top = count_norms(program.graph, _Rewrite(program, copy_graph=False))
+    return top + sum(count_norms(gm.graph) for name, gm in _graph_modules(program) if name)
 
 
 def _count_parameters(program: ExportedProgram) -> int:

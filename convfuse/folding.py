@@ -13,8 +13,10 @@ from torch import Tensor
 
 __all__ = [
     "bn_scale_shift",
+    "fold_weights",
     "fuse_bn_conv_weights",
     "fuse_conv_bn_weights",
+    "split_stats",
 ]
 
 
@@ -106,3 +108,40 @@ def fuse_bn_conv_weights(
     if conv_b is not None:
         fused_b = fused_b + conv_b.double()
     return fused_w, fused_b
+
+
+Stats = tuple[Tensor, Tensor, float, "Tensor | None", "Tensor | None"]
+"""running_mean, running_var, eps, weight, bias: a BatchNorm's eval-time statistics."""
+
+Producer = tuple[Tensor, "Tensor | None", bool, int]
+"""weight, bias, transposed, groups: one conv (or linear: groups 1, not transposed)."""
+
+
+def split_stats(stats: Stats, index: int, combine: str, sizes: list[int]) -> Stats:
+    """The part of a norm that producer ``index`` absorbs: of a sum, every term is scaled but only
+    the first takes the shift; of a channel concatenation (``combine`` ``"cat"``), each part takes
+    its own channel slice of ``sizes``."""
+    running_mean, running_var, eps, weight, _ = stats
+    if combine == "sum" and index > 0:
+        return torch.zeros_like(running_mean), running_var, eps, weight, None
+    if combine == "cat":
+        start = sum(sizes[:index])
+        part = slice(start, start + sizes[index])
+        return tuple(t[part] if isinstance(t, Tensor) else t for t in stats)  # type: ignore[return-value]
+    return stats
+
+
+def fold_weights(
+    producers: list[Producer], stats: Stats, *, combine: str = "direct", norm_first: bool = False
+) -> list[tuple[Tensor, Tensor]]:
+    """Float64 weight and bias of each producer once the norm is folded into them: the norm after
+    their combined outputs (``combine``: ``"direct"``, ``"sum"``, ``"cat"``), or, ``norm_first``,
+    before the one producer."""
+    if norm_first:
+        ((weight, conv_bias, _, groups),) = producers
+        return [fuse_bn_conv_weights(weight, conv_bias, *stats, groups=groups)]
+    sizes = [w.shape[1] * g if t else w.shape[0] for w, _, t, g in producers]
+    return [
+        fuse_conv_bn_weights(weight, bias, *split_stats(stats, i, combine, sizes), transpose=t, groups=g)
+        for i, (weight, bias, t, g) in enumerate(producers)
+    ]

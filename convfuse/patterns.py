@@ -1,7 +1,8 @@
 """The table of foldable pairs, the records of a match, and why a match is not folded.
 
 Everything here reads; nothing mutates a model. ``convfuse.matching.find_matches`` walks the
-graphs and produces ``Match`` records; ``skip_reason`` decides whether one is safe to fold.
+graphs and produces ``Match`` records; ``describe`` states one as a ``checks.Candidate`` and
+``skip_reason`` / ``why_skipped`` run the shared table of checks (``convfuse.checks``) over it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
+from convfuse.checks import Candidate, check
 from convfuse.graphs.held import held_objects, module_contents
 from convfuse.graphs.tracing import TracedGraph
 from convfuse.graphs.untraced import READ, UNREADABLE, CodeUse, first_reach
+from convfuse.reasons import Combine, Reason
 
 try:  # detection backbones use torchvision's frozen BatchNorm
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -37,6 +40,7 @@ __all__ = [
     "Pattern",
     "Reason",
     "Skipped",
+    "describe",
     "find_pattern",
     "has_hooks",
     "is_norm",
@@ -109,61 +113,6 @@ PATTERNS: tuple[Pattern, ...] = (
 # The methods whose code defines what a layer computes; a subclass that replaces any of them
 # computes something else until proven otherwise.
 _FORWARD_METHODS = ("forward", "_conv_forward", "_output_padding")
-
-
-class Reason:
-    """Why a BatchNorm was left unfused: fixed strings, shown to users and asserted by tests."""
-
-    NO_PRODUCER = "its input is not the output of a conv or linear layer"
-    UNSUPPORTED_PAIR = "no fold is defined for this pair of layer types"
-    NOT_TRACED = "it runs in code that torch.fx could not trace"
-    NOT_CALLED = "it is never called"
-    OTHER_USERS = "the producer's output is also used elsewhere"
-    NORM_OUTPUT_USERS = "the norm's output is also used elsewhere"
-    EXTRA_ARGUMENTS = "a layer of the pair is called with extra arguments"
-    CALLED_TWICE = "a module of the pair is called more than once"
-    SHARED_NAMES = "a module of the pair is registered under more than one name"
-    HELD_ELSEWHERE = "a module of the pair is also held outside the module tree (e.g. in a plain list)"
-    TENSOR_HELD_ELSEWHERE = "a parameter or buffer of the pair is also held outside the module tree"
-    SHARED_PARAMETER = "a parameter of the pair is shared with another module"
-    DIRECT_ACCESS = "the forward reads a parameter or buffer of the pair directly"
-    HOOKS = "a module of the pair has hooks"
-    HOOKS_BETWEEN = "a module between the pair has hooks"
-    GLOBAL_HOOKS = "global module hooks are registered"
-    PARAMETRIZED = "a module of the pair has parametrizations"
-    TRAINING = "the norm is in training mode"
-    NO_RUNNING_STATS = "the norm has no running statistics (track_running_stats=False)"
-    LAZY = "a module of the pair is not initialised (lazy)"
-    NOT_FLOATING = "a module of the pair is not floating point"
-    DEVICES = "the modules of the pair are on different devices"
-    LINEAR_NOT_2D = "the norm does not normalise the linear layer's features (its input is not 2-D)"
-    NOT_CHANNELS = "the norm does not normalise the conv's channels (unbatched input or other channel count)"
-    SHAPE_UNKNOWN = "the norm's input shape is unknown (give example inputs)"
-    ZERO_PADDING = "the conv after the norm pads with zeros, so the fold would not be exact"
-    TRANSPOSED_AFTER = "a transposed conv after the norm cannot absorb it exactly"
-    NORM_DOES_MORE_BEFORE = "the norm does more than normalise before the next layer (e.g. an activation)"
-    NORM_FORWARD = "the norm subclass's forward could not be reduced to one BatchNorm"
-    NOT_PROVEN = "the subclass overrides forward and the fold could not be proven on probe inputs"
-    SUM_TERMS = "its input is a sum with a term that is not a conv or linear output used only there"
-    CAT_TERMS = "its input is a concatenation of parts that are not all conv or linear outputs used only there"
-    CAT_AXIS = "its input is a concatenation along an axis other than the channels"
-    RESHAPE_AXIS = "the reshapes between the layer and the norm do not keep the channel axis"
-    OUTSIDE_PART = "a module of the pair is called from outside the part where the pair was traced"
-    REACHED = "code outside the part where the pair was traced can use a module of the pair directly"
-    NO_SOURCE = "the pair is in a part used by code whose source cannot be read"
-    UNOBSERVED = "the pair is in a part called from untraceable code, which is only seen with example inputs"
-    # Graph formats (ExportedProgram, TorchScript), where the pair is a pair of ops:
-    COMPUTED_WEIGHT = "a weight or statistic of the pair is computed in the graph, not stored"
-    IN_SUBGRAPH = "it runs inside a control-flow branch (torch.cond, torch.map), which is not rewritten"
-
-
-class Combine:
-    """How a norm's input is made from its producers' outputs."""
-
-    DIRECT = "direct"  # norm(producer(x)), or producer(norm(x)) for a norm-first pattern
-    SUM = "sum"  # norm(producer_a(x) + producer_b(y) + ...)
-    CAT = "cat"  # norm(torch.cat([producer_a(x), producer_b(y), ...], dim=1))
-    RESHAPE = "reshape"  # norm(producer(x).flatten(0, 1)), the channel axis kept
 
 
 @dataclass(frozen=True)
@@ -374,50 +323,6 @@ def _zero_padded(conv: nn.Module) -> bool:
     return any(conv.padding)
 
 
-def _channels_and_rank(producer: nn.Module, norm_first: bool) -> tuple[int, int]:
-    """The producer's channels on the norm's side, and the rank of its batched input/output."""
-    if isinstance(producer, nn.Linear):
-        return (producer.in_features if norm_first else producer.out_features), 2
-    return (producer.in_channels if norm_first else producer.out_channels), len(producer.kernel_size) + 2
-
-
-def _channel_reason(match: Match, producers: list[nn.Module], norm: nn.Module, observed: Observation | None) -> str | None:
-    """Why the norm might not normalise the producers' channel axis, or None.
-
-    A norm normalises axis 1 of its input. That is the producer's channel axis only for a
-    batched input: BatchNorm1d after an unbatched Conv1d (C, L), or after a Linear on (B, N, C),
-    normalises something else. BatchNorm2d/3d and FrozenBatchNorm2d reject other ranks
-    themselves; BatchNorm1d and SyncBatchNorm need the observed input rank. Through reshapes,
-    the observed shapes must show the channel axis kept.
-    """
-    wrong = Reason.LINEAR_NOT_2D if match.pattern.linear else Reason.NOT_CHANNELS
-    shapes = observed.input_shapes.get(match.norm) if observed else None
-    if match.combine == Combine.CAT:
-        dim = match.dim or 0
-        if shapes and any(dim % len(shape) != 1 for shape in shapes):
-            return Reason.CAT_AXIS
-        if not shapes and dim != 1:
-            return Reason.SHAPE_UNKNOWN if dim < 0 else Reason.CAT_AXIS
-    sides = [_channels_and_rank(p, match.norm_first) for p in producers]
-    channels = [c for c, _ in sides]
-    rank = sides[0][1]
-    expected = sum(channels) if match.combine == Combine.CAT else channels[0]
-    if norm.running_mean.numel() != expected or len({r for _, r in sides}) > 1:
-        return wrong
-    if match.combine == Combine.SUM and len(set(channels)) > 1:
-        return wrong
-    if match.combine == Combine.RESHAPE:
-        made = observed.output_shapes.get(match.producers[0]) if observed else None
-        if not shapes or not made:
-            return Reason.SHAPE_UNKNOWN
-        return None if all(_keeps_channels(a, b, match.pattern.linear) for a, b in zip(made, shapes)) else Reason.RESHAPE_AXIS
-    if shapes:
-        return wrong if any(len(shape) != rank for shape in shapes) else None
-    if match.pattern.linear or isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):
-        return Reason.SHAPE_UNKNOWN
-    return None
-
-
 def _keeps_channels(made: tuple[int, ...], seen: tuple[int, ...], linear: bool) -> bool:
     """Whether row-major reshapes from ``made`` to ``seen`` leave the channels on the norm's axis 1.
 
@@ -437,73 +342,84 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
 
 def why_skipped(match: Match, facts: Facts) -> tuple[str, str | None] | None:
     """Why ``match`` must not be folded (a ``Reason`` and a detail or None), or None where every
-    check passes.
+    check passes: ``convfuse.checks.check`` over the match as a ``Candidate``.
 
     The subclass checks that need running or tracing the layers (custom forwards) are made
     by the fuse pass after this says yes.
     """
-    if _global_hooks():
-        return Reason.GLOBAL_HOOKS, None
-    use = first_reach(facts.uses, (*match.producers, match.norm), match.graph)
-    if use is not None:
-        reason = {UNREADABLE: Reason.NO_SOURCE, READ: Reason.DIRECT_ACCESS}.get(use.kind, Reason.REACHED)
-        return reason, use.detail
-    reason = _reason(match, facts)
-    return (reason, None) if reason is not None else None
+    return check(describe(match, facts))
 
 
-def _reason(match: Match, facts: Facts) -> str | None:
+def describe(match: Match, facts: Facts) -> Candidate:
+    """``match`` as the graph-neutral ``Candidate`` that ``convfuse.checks`` judges."""
     producers = [facts.modules[name] for name in match.producers]
     norm = facts.modules[match.norm]
     names = (*match.producers, match.norm)
     layers = [facts.modules[name] for name in names]
     observed = facts.observation
-    if any(len(facts.names[id(layer)]) > 1 for layer in layers):
-        return Reason.SHARED_NAMES
-    if any(id(layer) in facts.held_elsewhere for layer in layers):
-        return Reason.HELD_ELSEWHERE
-    if any(id(layer) in facts.tensors_held_elsewhere for layer in layers):
-        return Reason.TENSOR_HELD_ELSEWHERE
-    if any(facts.graph_calls[name] > 1 or (observed and observed.calls[name] > 1) for name in names):
-        return Reason.CALLED_TWICE
-    if any(own_hooks(layer) for layer in layers):
-        return Reason.HOOKS
-    if any(own_hooks(facts.modules[name]) for name in match.crossed if name in facts.modules):
-        return Reason.HOOKS_BETWEEN
-    if any(parametrize.is_parametrized(layer) for layer in layers):
-        return Reason.PARAMETRIZED
-    if any(id(p) in facts.shared_parameters for producer in producers for p in producer.parameters(recurse=False)):
-        return Reason.SHARED_PARAMETER
-    if match.users > 1:
-        return Reason.NORM_OUTPUT_USERS if match.norm_first else Reason.OTHER_USERS
-    if match.extra_arguments:
-        return Reason.EXTRA_ARGUMENTS
-    if match.unseen_callers:
-        # fx saw the pair only in its own part's forward; the untraced code above may call its
-        # modules some other way. A real run shows whether every call comes through that part.
-        if observed is None:
-            return Reason.UNOBSERVED
-        if any(match.graph not in inside for name in names for inside in observed.inside.get(name, [])):
-            return Reason.OUTSIDE_PART
+    use = first_reach(facts.uses, names, match.graph)
+    reached = None
+    if use is not None:
+        reached = {UNREADABLE: Reason.NO_SOURCE, READ: Reason.DIRECT_ACCESS}.get(use.kind, Reason.REACHED), use.detail
     read = facts.direct_reads | (observed.direct_reads if observed else set())
-    if any(name in read for name in names):
-        return Reason.DIRECT_ACCESS
-    if norm.training:
-        return Reason.TRAINING
-    if getattr(norm, "running_mean", None) is None or getattr(norm, "running_var", None) is None:
-        return Reason.NO_RUNNING_STATS
     tensors = [t for layer in layers for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))]
-    if any(isinstance(t, UninitializedParameter) for t in tensors):
-        return Reason.LAZY
-    if not all(p.weight.is_floating_point() for p in producers) or not norm.running_var.is_floating_point():
-        return Reason.NOT_FLOATING
-    if len({t.device for t in tensors if t.is_floating_point()}) > 1:
-        return Reason.DEVICES
-    if observed is not None and any(observed.calls[name] == 0 for name in names):
-        return Reason.NOT_CALLED  # before the shape checks: a norm never run has no shape to see
-    reason = _channel_reason(match, producers, norm, observed)
-    if reason is not None:
-        return reason
-    if match.norm_first and _zero_padded(producers[0]):
-        return Reason.ZERO_PADDING
-    return None
+    lazy = any(isinstance(t, UninitializedParameter) for t in tensors)
+    stats = getattr(norm, "running_mean", None) is not None and getattr(norm, "running_var", None) is not None
+    floating = lazy or not stats or (
+        all(p.weight.is_floating_point() for p in producers) and norm.running_var.is_floating_point()
+    )
+    sides = [_channels_and_rank(p, match.norm_first) for p in producers] if stats and not lazy else []
+    shapes = observed.input_shapes.get(match.norm) if observed else None
+    keeps = None
+    if match.combine == Combine.RESHAPE:
+        made = observed.output_shapes.get(match.producers[0]) if observed else None
+        if shapes and made:
+            keeps = all(_keeps_channels(a, b, match.pattern.linear) for a, b in zip(made, shapes))
+    return Candidate(
+        combine=match.combine,
+        norm_first=match.norm_first,
+        linear=match.pattern.linear,
+        reached=reached,
+        users=match.users,
+        extra_arguments=match.extra_arguments,
+        called_twice=any(
+            facts.graph_calls[name] > 1 or (observed is not None and observed.calls[name] > 1) for name in names
+        ),
+        not_called=observed is not None and any(observed.calls[name] == 0 for name in names),
+        unobserved=match.unseen_callers and observed is None,
+        outside_part=match.unseen_callers and observed is not None and any(
+            match.graph not in inside for name in names for inside in observed.inside.get(name, [])
+        ),
+        global_hooks=_global_hooks(),
+        shared_names=any(len(facts.names[id(layer)]) > 1 for layer in layers),
+        held_elsewhere=any(id(layer) in facts.held_elsewhere for layer in layers),
+        tensors_held_elsewhere=any(id(layer) in facts.tensors_held_elsewhere for layer in layers),
+        hooks=any(own_hooks(layer) for layer in layers),
+        hooks_between=any(own_hooks(facts.modules[name]) for name in match.crossed if name in facts.modules),
+        parametrized=any(parametrize.is_parametrized(layer) for layer in layers),
+        shared_parameter=any(
+            id(p) in facts.shared_parameters for producer in producers for p in producer.parameters(recurse=False)
+        ),
+        direct_access=any(name in read for name in names),
+        training=norm.training,
+        running_stats=stats,
+        lazy=lazy,
+        floating=floating,
+        devices=len({t.device for t in tensors if t.is_floating_point()}) if not lazy else 1,
+        producer_channels=tuple(c for c, _ in sides),
+        producer_ranks=tuple(r for _, r in sides),
+        norm_channels=norm.running_mean.numel() if stats and not lazy else None,
+        norm_checks_rank=not isinstance(norm, (nn.BatchNorm1d, nn.SyncBatchNorm)),
+        input_ranks=tuple(len(shape) for shape in shapes) if shapes else None,
+        cat_axes=tuple((match.dim or 0) % len(shape) for shape in shapes) if shapes else None,
+        cat_dim=match.dim,
+        reshape_keeps_channels=keeps,
+        zero_padded=match.norm_first and _zero_padded(producers[0]),
+    )
+
+
+def _channels_and_rank(producer: nn.Module, norm_first: bool) -> tuple[int, int]:
+    """The producer's channels on the norm's side, and the rank of its batched input/output."""
+    if isinstance(producer, nn.Linear):
+        return (producer.in_features if norm_first else producer.out_features), 2
+    return (producer.in_channels if norm_first else producer.out_channels), len(producer.kernel_size) + 2

@@ -1,5 +1,6 @@
-"""TorchScript (``torch.jit.save`` archives): fold BatchNorm into the convolution before it in a
-frozen copy of the module, one call site at a time, with convfuse's float64 math.
+"""TorchScript (``torch.jit.save`` archives): fold BatchNorm into the conv/linear layers beside it
+in a frozen copy of the module, one call site at a time, with convfuse's float64 math (the pairs
+and the fold are in ``scripted_fold``, judged by the shared ``convfuse.checks``).
 
 Why freeze rather than rewrite the module tree: in TorchScript, modules of the same class and
 configuration share one type and one compiled ``forward``, so a graph edit made for one instance
@@ -20,7 +21,6 @@ model is returned as it was.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,20 +28,12 @@ from torch import Tensor
 
 from convfuse import verify as verification
 from convfuse.errors import InputError, TrainingModeError
-from convfuse.folding import fuse_conv_bn_weights
 from convfuse.fuse import FuseResult, verify_fused
-from convfuse.patterns import Reason, Skipped
-from convfuse.report import Count, FusedPair, FuseReport, timed
+from convfuse.report import Count, FuseReport, timed
+from convfuse.scripted_fold import NORM, count_norms, fold_graph, nodes
 
 __all__ = ["fuse_scripted"]
 
-_CONVS = {"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution", "aten::convolution"}
-_TRANSPOSED_CONVS = {"aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"}
-_SHAPE_ONLY = {"aten::dim", "aten::size", "prim::shape"}
-"""Uses of a conv's output that read only its shape, which folding does not change (BatchNorm's
-own input-rank check)."""
-
-_NORM = "aten::batch_norm"
 _CONV_CLASSES = {
     "Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3
 }
@@ -58,7 +50,8 @@ def fuse_scripted(
     rtol: float | None = None,
     inplace: bool = False,
 ) -> FuseResult:
-    """Fold every batch norm that follows a convolution in a scripted or traced module's forward.
+    """Fold every batch norm of a scripted or traced module's forward that the module path would
+    fold (after a conv or linear, a sum or channel concat of them, before one, FrozenBatchNorm2d).
 
     Returns a frozen copy (see the module doc); ``model`` is never changed, so ``inplace`` has no
     effect. Without example inputs, they are the traced inputs of a traced module, else inferred
@@ -84,7 +77,7 @@ def fuse_scripted(
         report = FuseReport(
             norm_layers=Count(_count_norms(graph), 0), parameters=Count(_count_weights(graph), 0)
         )
-        fused, skipped = _fold_graph(graph, _conv_ranks(frozen, batch))
+        fused, skipped = fold_graph(graph, _ranks(frozen, batch), _module_of)
         torch._C._jit_pass_dce(graph)
         report.fused, report.skipped = fused, skipped
         report.norm_layers = Count(report.norm_layers.before, _count_norms(graph))
@@ -178,46 +171,29 @@ def _freeze(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return frozen
 
 
-def _nodes(block: Any) -> Iterator[Any]:
-    """Every node of ``block`` and of the blocks nested in it (if/loop bodies)."""
-    for node in block.nodes():
-        yield node
-        for inner in node.blocks():
-            yield from _nodes(inner)
-
-
 def _count_norms(graph: Any) -> int:
-    return sum(1 for node in _nodes(graph.block()) if node.kind() == _NORM)
+    """``aten::batch_norm`` ops and decomposed FrozenBatchNorm2d layers."""
+    return count_norms(graph, _module_of)
 
 
 def _count_weights(graph: Any) -> int:
     """Elements of the floating-point tensors the frozen graph holds, other than running statistics
     (the frozen counterpart of a module's parameter count)."""
     total = 0
-    for node in _nodes(graph.block()):
+    for node in nodes(graph.block()):
         if node.kind() != "prim::Constant":
             continue
         value = node.output().toIValue()
         if not isinstance(value, Tensor) or not value.is_floating_point():
             continue
         uses = node.output().uses()
-        if uses and all(u.user.kind() == _NORM and u.offset in (3, 4) for u in uses):
+        if uses and all(u.user.kind() == NORM and u.offset in (3, 4) for u in uses):
             continue
         total += value.numel()
     return total
 
 
-# -- folding ----------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def _constant(value: Any) -> Any:
-    """The value of a graph constant, or _MISSING where it is computed."""
-    if value.node().kind() != "prim::Constant":
-        return _MISSING
-    return value.toIValue()
-
+# -- names ------------------------------------------------------------------------------
 
 _HIERARCHY = re.compile(r"([^.()]+)\(([^()]*)\)")
 _NOT_NAMES = ("SELF", "TOP", "UNKNOWN_INSTANCE")
@@ -237,9 +213,10 @@ def _module_of(node: Any, stored: Any) -> tuple[str, str | None]:
     return f"{node.kind().removeprefix('aten::')}:%{node.output().debugName()}", None
 
 
-def _conv_ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]:
-    """The rank of each conv's output in a run on ``batch``, by node (empty where unknown): shape
-    analysis of a copy of the graph, whose nodes come in the same order as the original's."""
+def _ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]:
+    """The rank of each node's (first) tensor output in a run on ``batch``, by node (empty where
+    unknown): shape analysis of a copy of the graph, whose nodes come in the same order as the
+    original's."""
     if batch is None or batch[1]:
         return {}
     copy = frozen.graph.copy()
@@ -248,105 +225,46 @@ def _conv_ranks(frozen: Any, batch: verification.Batch | None) -> dict[Any, int]
     except Exception:  # shapes stay unknown; pairs that need them are skipped
         return {}
     ranks = {}
-    for original, analysed in zip(_nodes(frozen.graph.block()), _nodes(copy.block())):
-        if original.kind() in _CONVS | _TRANSPOSED_CONVS:
-            rank = analysed.output().type().dim() if hasattr(analysed.output().type(), "dim") else None
-            if rank is not None:
-                ranks[original] = rank
+    ranks_by_value = {
+        value.unique(): tensor.dim() for value, tensor in zip(list(copy.inputs())[1:], batch[0]) if isinstance(tensor, Tensor)
+    }
+    for original, analysed in zip(nodes(frozen.graph.block()), nodes(copy.block())):
+        outputs = list(analysed.outputs())
+        kind = outputs[0].type() if outputs else None
+        rank = kind.dim() if isinstance(kind, torch._C.TensorType) else None
+        if rank is None:
+            rank = _rank_from_inputs(analysed, ranks_by_value)
+        if rank is not None:
+            ranks[original] = rank
+            if outputs:
+                ranks_by_value[outputs[0].unique()] = rank
     return ranks
 
 
-def _fold_graph(graph: Any, ranks: dict[Any, int]) -> tuple[list[FusedPair], list[Skipped]]:
-    fused: list[FusedPair] = []
-    skipped: list[Skipped] = []
-    for norm in [n for n in _nodes(graph.block()) if n.kind() == _NORM]:
-        outcome = _fold_one(graph, norm, ranks)
-        (fused if isinstance(outcome, FusedPair) else skipped).append(outcome)
-    return fused, skipped
+_SAME_RANK = {
+    "aten::linear", "aten::relu", "aten::relu_", "aten::hardswish", "aten::hardswish_", "aten::sigmoid",
+    "aten::silu", "aten::silu_", "aten::gelu", "aten::hardtanh", "aten::hardtanh_", "aten::dropout",
+    "aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool3d", "aten::contiguous",
+}
 
 
-def _fold_one(graph: Any, norm: Any, ranks: dict[Any, int]) -> FusedPair | Skipped:
-    """Fold one batch norm into the conv that feeds it, or say why not (the graph is then unchanged)."""
-    # input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
-    inputs = list(norm.inputs())
-    norm_name, norm_class = _module_of(norm, inputs[3])
-    conv = inputs[0].node()
-    if conv.kind() not in _CONVS | _TRANSPOSED_CONVS:
-        reason = Reason.UNSUPPORTED_PAIR if conv.kind() == "aten::linear" else Reason.NO_PRODUCER
-        producer = _module_of(conv, None)[0] if conv.kind() == "aten::linear" else None
-        return Skipped(norm_name, producer, reason)
-    conv_inputs = list(conv.inputs())
-    producer, conv_class = _module_of(conv, conv_inputs[1])
-    reason, values = _check(conv, norm, conv_inputs, inputs)
-    if reason is None:
-        reason = _rank_reason(values[0], ranks.get(conv))
-    if reason is not None:
-        return Skipped(norm_name, producer, reason)
-    weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups = values
-    folded_weight, folded_bias = fuse_conv_bn_weights(
-        weight, bias, running_mean, running_var, eps, norm_weight, norm_bias,
-        transpose=transposed, groups=groups,
-    )
-    new_weight = torch.empty_like(weight)
-    new_weight.copy_(folded_weight)
-    like = bias if bias is not None else weight
-    new_bias = folded_bias.to(dtype=like.dtype, device=like.device)
-    with graph.insert_point_guard(conv):
-        weight_value = graph.insertConstant(new_weight)
-        bias_value = graph.insertConstant(new_bias)
-    conv.replaceInput(1, weight_value)
-    conv.replaceInput(2, bias_value)
-    norm.output().replaceAllUsesWith(conv.output())
-    norm.destroy()
-    if conv_class and norm_class:
-        kind = f"{conv_class}+{norm_class}"
-    else:
-        kind = f"{conv.kind().removeprefix('aten::')}+batch_norm"
-    return FusedPair(producer, norm_name, kind)
-
-
-def _rank_reason(weight: Tensor, rank: int | None) -> str | None:
-    """Why the norm may not normalise the conv's channels: an unbatched conv output (rank one less
-    than the weight's), or, for a Conv1d whose BatchNorm1d accepts both ranks, an unknown rank."""
-    if rank is None:
-        return Reason.SHAPE_UNKNOWN if weight.dim() == 3 else None
-    return None if rank == weight.dim() else Reason.NOT_CHANNELS
-
-
-def _check(conv: Any, norm: Any, conv_inputs: list[Any], inputs: list[Any]) -> tuple[str | None, tuple]:
-    """Why the pair must not be folded (or None), and the constants the fold needs."""
-    uses = conv.output().uses()
-    read_by_norm = sum(1 for u in uses if u.user == norm)
-    if read_by_norm != 1 or any(u.user != norm and u.user.kind() not in _SHAPE_ONLY for u in uses):
-        return Reason.OTHER_USERS, ()
-    training = _constant(inputs[5])
-    running_mean, running_var = _constant(inputs[3]), _constant(inputs[4])
-    if running_mean is None or running_var is None:
-        return Reason.NO_RUNNING_STATS, ()
-    if training is not False:
-        return Reason.TRAINING, ()
-    weight, bias = _constant(conv_inputs[1]), _constant(conv_inputs[2])
-    norm_weight, norm_bias, eps = _constant(inputs[1]), _constant(inputs[2]), _constant(inputs[7])
-    stored = (weight, bias, running_mean, running_var, norm_weight, norm_bias, eps)
-    if any(v is _MISSING for v in stored):
-        return Reason.COMPUTED_WEIGHT, ()
-    if conv.kind() in _TRANSPOSED_CONVS:
-        transposed: Any = True
-    elif conv.kind() in ("aten::_convolution", "aten::convolution"):
-        transposed = _constant(conv.namedInput("transposed"))
-    else:
-        transposed = False
-    groups = _constant(conv.namedInput("groups"))
-    if not isinstance(transposed, bool) or not isinstance(groups, int) or not isinstance(eps, float):
-        return Reason.UNSUPPORTED_PAIR, ()
-    tensors = [t for t in stored[:6] if t is not None]
-    if not all(isinstance(t, Tensor) for t in tensors):
-        return Reason.UNSUPPORTED_PAIR, ()
-    if not all(t.is_floating_point() for t in tensors):
-        return Reason.NOT_FLOATING, ()
-    if len({t.device for t in tensors}) > 1:
-        return Reason.DEVICES, ()
-    channels = weight.shape[1] * groups if transposed else weight.shape[0]
-    if running_mean.numel() != channels:
-        return Reason.UNSUPPORTED_PAIR, ()
-    return None, (weight, bias, running_mean, running_var, eps, norm_weight, norm_bias, transposed, groups)
+def _rank_from_inputs(node: Any, ranks: dict[int, int]) -> int | None:
+    """The rank of ``node``'s output from its input's, for the few ops whose rank complete shape
+    analysis leaves unknown in a classifier head (mean over axes, flatten, linear, activations)."""
+    inputs = list(node.inputs())
+    source = ranks.get(inputs[0].unique()) if inputs else None
+    if source is None:
+        return None
+    kind = node.kind()
+    if kind in _SAME_RANK:
+        return source
+    if kind in ("aten::mean", "aten::sum", "aten::amax") and len(inputs) >= 3:
+        dims, keep = inputs[1].toIValue() if inputs[1].node().kind() == "prim::Constant" else None, inputs[2].toIValue()
+        if isinstance(dims, list) and keep is False:
+            return source - len({d % source for d in dims})
+        return source if keep is True else None
+    if kind == "aten::flatten" and len(inputs) == 3:
+        start, end = inputs[1].toIValue(), inputs[2].toIValue()
+        if isinstance(start, int) and isinstance(end, int) and source:
+            return source - (end % source - start % source)
+    return None
