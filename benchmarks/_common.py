@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from convfuse.patterns import is_norm
+from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,12 +31,13 @@ import torchvision  # noqa: E402
 from _common import emit, header, markdown_table  # noqa: E402
 
 import convfuse  # noqa: E402
-from convfuse.norms import NormNotFoldable  # noqa: E402
-from convfuse.patterns import Combine, Reason, is_norm  # noqa: E402
+from convfuse.fold.norms import NormNotFoldable
+from convfuse.fold.reasons import Combine, Reason
+from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn  # noqa: E402
 
 fuse_module = importlib.import_module("convfuse.fuse")
-matching = importlib.import_module("convfuse.matching")
+matching = importlib.import_module("convfuse.graphs.fx_match")
 
 TIMM = [
     "efficientnet_b0", "mobilenetv3_large_100", "resnet50d", "cspdarknet53", "regnety_016", "rexnet_100",

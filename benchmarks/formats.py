@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import convfuse
 from benchmarks._common import REL_TOL, leaves
-from convfuse.patterns import is_norm
+from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn
 
 FORMATS = ("module", "exported", "torchscript")

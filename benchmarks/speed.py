@@ -161,8 +161,8 @@ def measure(name: str, batch: int, budget_s: float, min_reps: int, max_reps: int
         with torch.no_grad():
             fx_diff = difference(reference, fx_fused(x))
         row.torch_error = fx_diff.rel_error
-        row.torch_fused = sum(1 for m in model.modules() if convfuse.patterns.is_norm(m)) - sum(
-            1 for m in fx_fused.modules() if convfuse.patterns.is_norm(m)
+        row.torch_fused = sum(1 for m in model.modules() if convfuse.graphs.fx_pairs.is_norm(m)) - sum(
+            1 for m in fx_fused.modules() if convfuse.graphs.fx_pairs.is_norm(m)
         )
         if fx_diff.wrong:
             row.torch_problem = "torch.fx fuse: wrong output"

@@ -21,7 +21,7 @@ FrozenBatchNorm2d: a ``mul`` by a (1, C, 1, 1) tensor whose result is ``add``-ed
 tensor. torch.fx inlines FrozenBatchNorm2d and constant-folds its scale and bias, so a GraphModule
 that "fused" the model still runs those layers without having the modules; the counter sees them.
 On each original model the count is cross-checked against forward hooks on its norm modules
-(``convfuse.patterns.is_norm``); a mismatch is flagged in the notes. The counts are executions
+(``convfuse.graphs.fx_pairs.is_norm``); a mismatch is flagged in the notes. The counts are executions
 per forward pass (a norm called twice counts twice).
 
 Status of a tool on a model:

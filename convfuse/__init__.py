@@ -14,8 +14,8 @@ from convfuse.errors import (
     VerificationError,
 )
 from convfuse.files import Loaded, load, load_file, save
+from convfuse.fold.reasons import Reason, Skipped
 from convfuse.fuse import FuseResult, fuse
-from convfuse.patterns import Reason, Skipped
 from convfuse.report import FusedPair, FuseReport
 from convfuse.structure import apply_fused_structure
 from convfuse.verify import InputSpec, Verification

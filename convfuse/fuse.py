@@ -17,26 +17,16 @@ from torch import Tensor, nn
 
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError, VerificationError
-from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.fold.arithmetic import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.fold.norms import NormFold, NormNotFoldable, analyse_norm
+from convfuse.fold.proofs import Stats, norm_proven, producer_proven
+from convfuse.fold.reasons import Combine, Reason, Skipped
+from convfuse.fold.table import Pattern, is_norm, is_producer, overrides_forward
+from convfuse.graphs.fx_match import find_matches
+from convfuse.graphs.fx_pairs import Facts, Match, Observation, why_skipped
+from convfuse.graphs.reparam import plan_merges
 from convfuse.graphs.tracing import Tracing, trace_model
 from convfuse.inputs import candidate_batches
-from convfuse.matching import find_matches
-from convfuse.norms import NormFold, NormNotFoldable, analyse_norm
-from convfuse.patterns import (
-    Combine,
-    Facts,
-    Match,
-    Observation,
-    Pattern,
-    Reason,
-    Skipped,
-    is_norm,
-    is_producer,
-    overrides_forward,
-    why_skipped,
-)
-from convfuse.proofs import Stats, norm_proven, producer_proven
-from convfuse.reparam import plan_merges
 from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
@@ -87,13 +77,13 @@ def fuse(
         VerificationError: the fused model's outputs differ (``.report`` says where).
     """
     if isinstance(model, torch.export.ExportedProgram):
-        from convfuse.exported import fuse_exported
+        from convfuse.graphs.aten import fuse_exported
 
         if reparam:
             raise UsageError("reparam is supported for nn.Module models, not ExportedPrograms")
         return fuse_exported(model, example_inputs, verify=verify, atol=atol, rtol=rtol)
     if isinstance(model, torch.jit.ScriptModule):
-        from convfuse.scripted import fuse_scripted
+        from convfuse.graphs.torchscript import fuse_scripted
 
         if reparam:
             raise UsageError("reparam is supported for nn.Module models, not TorchScript")

@@ -13,8 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from convfuse import progress
+from convfuse.fold.reasons import Skipped
 from convfuse.graphs.tracing import Untraced
-from convfuse.patterns import Skipped
 from convfuse.verify import Verification
 
 __all__ = ["Checkpoint", "Count", "FusedPair", "FuseReport", "Merged", "Replaced", "Strict", "timed"]

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from convfuse.errors import UsageError
-from convfuse.norms import NormNotFoldable, analyse_norm
-from convfuse.patterns import PATTERNS, is_norm, is_producer, overrides_forward
+from convfuse.fold.norms import NormNotFoldable, analyse_norm
+from convfuse.fold.table import PATTERNS, is_norm, is_producer, overrides_forward
 from convfuse.report import FuseReport, Replaced
 
 __all__ = ["apply_fused_structure", "describe_structure"]
@@ -158,7 +158,7 @@ def _planned_merges(
     the state_dict overwrites them); their changes are appended to ``changes``."""
     if not merges:
         return []
-    from convfuse.reparam import plan_merges
+    from convfuse.graphs.reparam import plan_merges
 
     with _eval(model):  # branches are merged from eval-mode norms
         plans = {plan.module: plan for plan in plan_merges(model, None)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from convfuse.patterns import is_norm
+from convfuse.fold.table import is_norm
 
 __all__ = ["randomize_bn"]
 

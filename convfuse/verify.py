@@ -35,6 +35,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from convfuse.errors import InputError, UsageError, first_line
+from convfuse.fold.table import is_norm, is_producer
+from convfuse.graphs.fx_pairs import Observation
 from convfuse.inputs import (
     SEED,
     Batch,
@@ -45,7 +47,6 @@ from convfuse.inputs import (
     map_tensors,
     similar_batch,
 )
-from convfuse.patterns import Observation, is_norm, is_producer
 
 __all__ = [
     "NOISE_FACTOR",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfuse.patterns import is_norm
+from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn
 
 __all__ = ["norm_names", "randomize_bn"]

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import convfuse
-from convfuse.checks import CHECKS, Candidate, check
-from convfuse.patterns import Reason
+from convfuse.fold.checks import CHECKS, Candidate, check
+from convfuse.fold.reasons import Reason
 from tests.conftest import norm_names, randomize_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::DeprecationWarning")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import convfuse
 from convfuse.cli import app
-from convfuse.patterns import is_norm
+from convfuse.fold.table import is_norm
 from tests.conftest import randomize_bn
 from tests.models import NoNormNet, NormAfterActNet, ReflectNet, TinyNet, TwoInputNet
 

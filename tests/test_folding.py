@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfuse.folding import fuse_bn_conv_weights, fuse_conv_bn_weights
+from convfuse.fold.arithmetic import fuse_bn_conv_weights, fuse_conv_bn_weights
 from tests.conftest import randomize_bn
 
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import convfuse
 from convfuse.cli import app
-from convfuse.exported import to_exported
-from convfuse.patterns import Reason
+from convfuse.fold.reasons import Reason
+from convfuse.graphs.aten import to_exported
 from tests.conftest import randomize_bn
 
 ALLOW = ["tests"]  # the test models' package

@@ -16,7 +16,7 @@ import convfuse
 
 fuse_module = importlib.import_module("convfuse.fuse")
 from convfuse import verify
-from convfuse.folding import fuse_conv_bn_weights
+from convfuse.fold.arithmetic import fuse_conv_bn_weights
 from tests.conftest import norm_names, randomize_bn
 
 

@@ -81,7 +81,7 @@ def load_file(
     if fmt == "torchscript":
         return Loaded(_load_torchscript(path, trust=trust, map_location=map_location), fmt)
     if fmt == "exported":
-        from convfuse.exported import load_exported
+        from convfuse.graphs.aten import load_exported
 
         return Loaded(load_exported(path, trust=trust), fmt)
     if fmt == "safetensors":

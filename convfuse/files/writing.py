@@ -137,7 +137,7 @@ def _write(model: Any, f: Any, fmt: str, example_inputs: Any, like: Loaded | Non
         scripted = model if isinstance(model, torch.jit.ScriptModule) else _to_torchscript(model, example_inputs)
         torch.jit.save(scripted, f)
     else:
-        from convfuse.exported import to_exported
+        from convfuse.graphs.aten import to_exported
 
         torch.export.save(to_exported(model, example_inputs), f)
 

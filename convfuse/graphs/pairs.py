@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from convfuse.reasons import Combine, Reason
+from convfuse.fold.reasons import Combine, Reason
 
 __all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "match_affine", "match_frozen"]
 

@@ -1,6 +1,6 @@
 """TorchScript (``torch.jit.save`` archives): fold BatchNorm into the conv/linear layers beside it
 in a frozen copy of the module, one call site at a time, with convfuse's float64 math (the pairs
-and the fold are in ``scripted_fold``, judged by the shared ``convfuse.checks``).
+and the fold are in ``scripted_fold``, judged by the shared ``convfuse.fold.checks``).
 
 Why freeze rather than rewrite the module tree: in TorchScript, modules of the same class and
 configuration share one type and one compiled ``forward``, so a graph edit made for one instance
@@ -29,8 +29,8 @@ from torch import Tensor
 from convfuse import verify as verification
 from convfuse.errors import InputError, TrainingModeError
 from convfuse.fuse import FuseResult, verify_fused
+from convfuse.graphs.torchscript_fold import NORM, count_norms, fold_graph, nodes
 from convfuse.report import Count, FuseReport, timed
-from convfuse.scripted_fold import NORM, count_norms, fold_graph, nodes
 
 __all__ = ["fuse_scripted"]
 

@@ -14,8 +14,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from convfuse.folding import bn_scale_shift
-from convfuse.norms import NormFold
+from convfuse.fold.arithmetic import bn_scale_shift
+from convfuse.fold.norms import NormFold
 
 __all__ = ["Stats", "affine", "norm_proven", "producer_proven"]
 

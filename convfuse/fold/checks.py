@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from convfuse.reasons import Combine, Reason
+from convfuse.fold.reasons import Combine, Reason
 
 __all__ = ["CHECKS", "Candidate", "Check", "check"]
 

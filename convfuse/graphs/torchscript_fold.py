@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convfuse.checks import Candidate, check
-from convfuse.folding import fold_weights
-from convfuse.graph_pairs import Decomposed, find_feed, match_affine, match_frozen
-from convfuse.patterns import Skipped
-from convfuse.reasons import Combine, Reason
+from convfuse.fold.arithmetic import fold_weights
+from convfuse.fold.checks import Candidate, check
+from convfuse.fold.reasons import Combine, Reason, Skipped
+from convfuse.graphs.pairs import Decomposed, find_feed, match_affine, match_frozen
 from convfuse.report import FusedPair
 
 __all__ = ["NORM", "PRODUCERS", "fold_graph", "nodes"]

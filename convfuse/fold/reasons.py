@@ -3,6 +3,8 @@ shared words of every graph kind (fx, TorchScript, ATen)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = ["Combine", "Reason"]
 
 
@@ -59,3 +61,13 @@ class Combine:
     SUM = "sum"  # norm(producer_a(x) + producer_b(y) + ...)
     CAT = "cat"  # norm(torch.cat([producer_a(x), producer_b(y), ...], dim=1))
     RESHAPE = "reshape"  # norm(producer(x).flatten(0, 1)), the channel axis kept
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A BatchNorm left in place, and why."""
+
+    norm: str
+    producer: str | None
+    reason: str
+    detail: str | None = None

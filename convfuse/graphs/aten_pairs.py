@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from convfuse.checks import Candidate
-from convfuse.graph_pairs import Decomposed, Feed, find_feed, match_frozen
-from convfuse.reasons import Combine, Reason
+from convfuse.fold.checks import Candidate
+from convfuse.fold.reasons import Combine, Reason
+from convfuse.graphs.pairs import Decomposed, Feed, find_feed, match_frozen
 
 __all__ = ["Norm", "Pair", "describe", "find_norms", "norm_after", "norm_first"]
 
@@ -249,7 +249,7 @@ def groups(node: fx.Node) -> Any:
 
 
 def describe(rewrite: Any, pair: Pair) -> Candidate:
-    """``pair`` as the graph-neutral ``Candidate`` that ``convfuse.checks`` judges."""
+    """``pair`` as the graph-neutral ``Candidate`` that ``convfuse.fold.checks`` judges."""
     norm, view = pair.norm, _View(rewrite)
     flags: dict[str, bool] = {}
     weights = []

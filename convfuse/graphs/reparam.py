@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from convfuse.folding import bn_scale_shift, fuse_conv_bn_weights
+from convfuse.fold.arithmetic import bn_scale_shift, fuse_conv_bn_weights
+from convfuse.fold.norms import NormNotFoldable, analyse_norm, as_sequence, as_step
+from convfuse.fold.proofs import Stats, norm_proven
+from convfuse.fold.table import PATTERNS, has_hooks, is_norm, is_producer, overrides_forward
+from convfuse.graphs.fx_match import is_add, real_users, sum_terms, through_identities
+from convfuse.graphs.fx_pairs import Observation
 from convfuse.graphs.tracing import trace_model
-from convfuse.matching import is_add, real_users, sum_terms, through_identities
-from convfuse.norms import NormNotFoldable, analyse_norm, as_sequence, as_step
-from convfuse.patterns import PATTERNS, Observation, has_hooks, is_norm, is_producer, overrides_forward
-from convfuse.proofs import Stats, norm_proven
 
 __all__ = ["Merge", "plan_merges"]
 

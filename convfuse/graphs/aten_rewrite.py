@@ -1,5 +1,5 @@
 """The BatchNorm fold on an ExportedProgram's ATen graph: the pairs ``exported_pairs`` finds,
-judged by the shared table of checks (``convfuse.checks``), folded into a new program.
+judged by the shared table of checks (``convfuse.fold.checks``), folded into a new program.
 
 The fold rewrites a copy of the program's graph rather than re-exporting ``program.module()``:
 a re-export needs inputs and dynamic-shape specs the program no longer carries in a usable
@@ -31,8 +31,10 @@ from torch.export.graph_signature import (
     TensorArgument,
 )
 
-from convfuse.checks import check
-from convfuse.exported_pairs import (
+from convfuse.fold.arithmetic import fold_weights
+from convfuse.fold.checks import check
+from convfuse.fold.reasons import Reason, Skipped
+from convfuse.graphs.aten_pairs import (
     Norm,
     Pair,
     arguments,
@@ -46,8 +48,6 @@ from convfuse.exported_pairs import (
     stack,
     transposed,
 )
-from convfuse.folding import fold_weights
-from convfuse.patterns import Reason, Skipped
 from convfuse.report import Count, FusedPair, FuseReport
 
 __all__ = ["fuse_program"]

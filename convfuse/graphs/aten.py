@@ -17,11 +17,11 @@ from torch.export.graph_signature import InputKind
 from convfuse import inputs
 from convfuse import verify as verification
 from convfuse.errors import InputError, LoadError, SaveError, first_line
-from convfuse.exported_rewrite import fuse_program
 from convfuse.files.archives import ArchiveError, open_archive, vet_exported
 from convfuse.files.formats import quiet, refusal
 from convfuse.files.trust import Refused
 from convfuse.fuse import FuseResult, verify_fused
+from convfuse.graphs.aten_rewrite import fuse_program
 from convfuse.report import timed
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]

@@ -2,7 +2,7 @@
 
 For each norm node: the producer feeding it directly, through a sum or a channel concat of
 several producers, or through reshapes; else the conv/linear it feeds (norm first). Read-only:
-the result is ``Match`` records for ``patterns.skip_reason`` to judge, and a reason for each
+the result is ``Match`` records for ``fx_pairs.skip_reason`` to judge, and a reason for each
 norm that has no candidate at all.
 """
 
@@ -18,18 +18,10 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from convfuse.fold.reasons import Combine, Reason, Skipped
+from convfuse.fold.table import Pattern, find_pattern, is_norm, is_producer, own_hooks
+from convfuse.graphs.fx_pairs import Match
 from convfuse.graphs.tracing import TracedGraph
-from convfuse.patterns import (
-    Combine,
-    Match,
-    Pattern,
-    Reason,
-    Skipped,
-    find_pattern,
-    is_norm,
-    is_producer,
-    own_hooks,
-)
 
 __all__ = ["find_matches", "is_add", "real_users", "sum_terms", "through_identities"]
 

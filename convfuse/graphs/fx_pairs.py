@@ -1,8 +1,10 @@
-"""The table of foldable pairs, the records of a match, and why a match is not folded.
+"""The fx front-end's records: a match found in a traced graph, what is known about the model
+(``Facts``) and what a real run showed (``Observation``), and the match stated as a
+``Candidate`` for the shared table of checks.
 
-Everything here reads; nothing mutates a model. ``convfuse.matching.find_matches`` walks the
-graphs and produces ``Match`` records; ``describe`` states one as a ``checks.Candidate`` and
-``skip_reason`` / ``why_skipped`` run the shared table of checks (``convfuse.checks``) over it.
+Everything here reads; nothing mutates a model. ``convfuse.graphs.fx_match.find_matches`` walks the
+graphs and produces ``Match`` records; ``describe`` states one as a ``Candidate`` and
+``skip_reason`` / ``why_skipped`` run the checks (``convfuse.fold.checks``) over it.
 """
 
 from __future__ import annotations
@@ -12,107 +14,22 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from convfuse.checks import Candidate, check
+from convfuse.fold.checks import Candidate, check
+from convfuse.fold.reasons import Combine, Reason
+from convfuse.fold.table import (
+    Pattern,
+    global_hooks,
+    is_norm,
+    is_producer,
+    own_hooks,
+)
 from convfuse.graphs.held import held_objects, module_contents
 from convfuse.graphs.tracing import TracedGraph
 from convfuse.graphs.untraced import READ, UNREADABLE, CodeUse, first_reach
-from convfuse.reasons import Combine, Reason
-
-try:  # detection backbones use torchvision's frozen BatchNorm
-    from torchvision.ops.misc import FrozenBatchNorm2d
-except ImportError:  # pragma: no cover - torchvision is a dependency, but the math needs only torch
-
-    class FrozenBatchNorm2d(nn.Module):  # type: ignore[no-redef]
-        """Stand-in so the table stays valid without torchvision."""
-
-
-__all__ = [
-    "PATTERNS",
-    "Combine",
-    "Facts",
-    "Match",
-    "Observation",
-    "Pattern",
-    "Reason",
-    "Skipped",
-    "describe",
-    "find_pattern",
-    "has_hooks",
-    "is_norm",
-    "is_producer",
-    "overrides_forward",
-    "own_hooks",
-    "skip_reason",
-    "why_skipped",
-]
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """One foldable pair of layer types: ``producer`` then ``norm``, or ``norm`` then ``producer``."""
-
-    producer: type[nn.Module]
-    norm: type[nn.Module]
-    norm_first: bool = False
-    reshaped: bool = False  # only where reshapes between them keep the channel axis
-
-    @property
-    def transpose(self) -> bool:
-        return issubclass(self.producer, _ConvTransposeNd)
-
-    @property
-    def linear(self) -> bool:
-        return issubclass(self.producer, nn.Linear)
-
-
-_SYNC = nn.SyncBatchNorm
-_FROZEN = FrozenBatchNorm2d
-
-PATTERNS: tuple[Pattern, ...] = (
-    # A conv or linear layer, then the norm that reads its output.
-    Pattern(nn.Conv1d, nn.BatchNorm1d),
-    Pattern(nn.Conv1d, _SYNC),
-    Pattern(nn.Conv2d, nn.BatchNorm2d),
-    Pattern(nn.Conv2d, _SYNC),
-    Pattern(nn.Conv2d, _FROZEN),
-    Pattern(nn.Conv3d, nn.BatchNorm3d),
-    Pattern(nn.Conv3d, _SYNC),
-    Pattern(nn.ConvTranspose1d, nn.BatchNorm1d),
-    Pattern(nn.ConvTranspose1d, _SYNC),
-    Pattern(nn.ConvTranspose2d, nn.BatchNorm2d),
-    Pattern(nn.ConvTranspose2d, _SYNC),
-    Pattern(nn.ConvTranspose2d, _FROZEN),
-    Pattern(nn.ConvTranspose3d, nn.BatchNorm3d),
-    Pattern(nn.ConvTranspose3d, _SYNC),
-    Pattern(nn.Linear, nn.BatchNorm1d),
-    Pattern(nn.Linear, _SYNC),
-    # A norm, then the conv or linear layer that reads its output (exact without zero padding).
-    Pattern(nn.Conv1d, nn.BatchNorm1d, norm_first=True),
-    Pattern(nn.Conv1d, _SYNC, norm_first=True),
-    Pattern(nn.Conv2d, nn.BatchNorm2d, norm_first=True),
-    Pattern(nn.Conv2d, _SYNC, norm_first=True),
-    Pattern(nn.Conv2d, _FROZEN, norm_first=True),
-    Pattern(nn.Conv3d, nn.BatchNorm3d, norm_first=True),
-    Pattern(nn.Conv3d, _SYNC, norm_first=True),
-    Pattern(nn.Linear, nn.BatchNorm1d, norm_first=True),
-    Pattern(nn.Linear, _SYNC, norm_first=True),
-    # A conv whose output is reshaped (channels kept on axis 1) for a norm of another rank.
-    Pattern(nn.Conv2d, nn.BatchNorm1d, reshaped=True),
-    Pattern(nn.Conv3d, nn.BatchNorm1d, reshaped=True),
-    Pattern(nn.Conv3d, nn.BatchNorm2d, reshaped=True),
-    Pattern(nn.ConvTranspose2d, nn.BatchNorm1d, reshaped=True),
-    Pattern(nn.ConvTranspose3d, nn.BatchNorm1d, reshaped=True),
-    Pattern(nn.ConvTranspose3d, nn.BatchNorm2d, reshaped=True),
-)
-
-# The methods whose code defines what a layer computes; a subclass that replaces any of them
-# computes something else until proven otherwise.
-_FORWARD_METHODS = ("forward", "_conv_forward", "_output_padding")
 
 
 @dataclass(frozen=True)
@@ -148,16 +65,6 @@ class Match:
     @property
     def norm_first(self) -> bool:
         return self.pattern.norm_first
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A BatchNorm left in place, and why."""
-
-    norm: str
-    producer: str | None
-    reason: str
-    detail: str | None = None
 
 
 @dataclass
@@ -261,55 +168,6 @@ def _storage(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def is_norm(module: nn.Module) -> bool:
-    """A BatchNorm-like layer that convfuse counts and tries to fold."""
-    return isinstance(module, (_BatchNorm, _FROZEN))
-
-
-def is_producer(module: nn.Module) -> bool:
-    """A layer that can absorb a BatchNorm: a conv, transposed conv or linear."""
-    return isinstance(module, (_ConvNd, nn.Linear))
-
-
-def overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
-    """Whether ``module``'s class replaces code that defines what ``base`` computes."""
-    cls = type(module)
-    return any(
-        getattr(cls, name) is not getattr(base, name) for name in _FORWARD_METHODS if hasattr(base, name)
-    )
-
-
-def find_pattern(first: nn.Module, second: nn.Module, *, reshaped: bool = False) -> Pattern | None:
-    """The table row for ``first`` feeding ``second``, if any (subclasses match their bases);
-    ``reshaped``: reshapes lie between them, which admits more rows."""
-    for pattern in PATTERNS:
-        if pattern.reshaped and not reshaped:
-            continue
-        producer, norm = (second, first) if pattern.norm_first else (first, second)
-        if isinstance(producer, pattern.producer) and isinstance(norm, pattern.norm):
-            return pattern
-    return None
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward or backward hooks of its own, or global module hooks exist."""
-    return own_hooks(module) or _global_hooks()
-
-
-def own_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward or backward hooks of its own."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
-        or getattr(module, "_backward_pre_hooks", None)
-    )
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
-
-
 def _zero_padded(conv: nn.Module) -> bool:
     """Whether ``conv`` adds zeros around its input (``padding_mode='zeros'`` and some padding)."""
     if not isinstance(conv, _ConvNd):
@@ -342,7 +200,7 @@ def skip_reason(match: Match, facts: Facts) -> str | None:
 
 def why_skipped(match: Match, facts: Facts) -> tuple[str, str | None] | None:
     """Why ``match`` must not be folded (a ``Reason`` and a detail or None), or None where every
-    check passes: ``convfuse.checks.check`` over the match as a ``Candidate``.
+    check passes: ``convfuse.fold.checks.check`` over the match as a ``Candidate``.
 
     The subclass checks that need running or tracing the layers (custom forwards) are made
     by the fuse pass after this says yes.
@@ -351,7 +209,7 @@ def why_skipped(match: Match, facts: Facts) -> tuple[str, str | None] | None:
 
 
 def describe(match: Match, facts: Facts) -> Candidate:
-    """``match`` as the graph-neutral ``Candidate`` that ``convfuse.checks`` judges."""
+    """``match`` as the graph-neutral ``Candidate`` that ``convfuse.fold.checks`` judges."""
     producers = [facts.modules[name] for name in match.producers]
     norm = facts.modules[match.norm]
     names = (*match.producers, match.norm)
@@ -390,7 +248,7 @@ def describe(match: Match, facts: Facts) -> Candidate:
         outside_part=match.unseen_callers and observed is not None and any(
             match.graph not in inside for name in names for inside in observed.inside.get(name, [])
         ),
-        global_hooks=_global_hooks(),
+        global_hooks=global_hooks(),
         shared_names=any(len(facts.names[id(layer)]) > 1 for layer in layers),
         held_elsewhere=any(id(layer) in facts.held_elsewhere for layer in layers),
         tensors_held_elsewhere=any(id(layer) in facts.tensors_held_elsewhere for layer in layers),
