@@ -40,6 +40,7 @@ import convfuse
 from benchmarks._common import REL_TOL, leaves
 from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn
+from tests.models import ParityNet
 
 FORMATS = ("module", "exported", "torchscript")
 QUICK = (
@@ -47,39 +48,6 @@ QUICK = (
 )
 SIZES = {"inception_v3": 299, "googlenet": 96}
 MAX_PARAMETERS = 100_000_000
-
-
-class ParityNet(nn.Module):
-    """BN before a 1x1 conv, BN after a sum of convs, after a channel concat, a FrozenBatchNorm2d
-    after a bias-free conv, BatchNorm1d after a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn_first, self.pointwise = nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1)
-        self.left, self.right, self.bn_sum = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
-        self.part_a, self.part_b, self.bn_cat = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(8)
-        self.plain, self.frozen = nn.Conv2d(8, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
-        self.fc, self.bn_fc = nn.Linear(8, 10), nn.BatchNorm1d(10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pointwise(self.bn_first(x))
-        x = torch.relu(self.bn_sum(self.left(x) + self.right(x)))
-        x = torch.relu(self.bn_cat(torch.cat([self.part_a(x), self.part_b(x)], 1)))
-        x = torch.relu(self.frozen(self.plain(x)))
-        return self.bn_fc(self.fc(x.mean((2, 3))))
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random statistics for every BatchNorm and FrozenBatchNorm2d."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            n = module.weight.numel()
-            module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.copy_(torch.randn(n, generator=generator))
-            module.running_mean.copy_(torch.randn(n, generator=generator))
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return randomize_bn(model, seed).eval()
 
 
 @dataclass
@@ -111,7 +79,7 @@ def _convert(model: nn.Module, kind: str, x: torch.Tensor):
 
 def _measure(name: str, build: Callable[[], nn.Module], size: int) -> Row:
     torch.manual_seed(0)
-    model = randomize(build())
+    model = randomize_bn(build()).eval()
     x = torch.randn(1, 3, size, size)
     row = Row(name, sum(1 for m in model.modules() if is_norm(m)))
     if row.norms == 0 or sum(p.numel() for p in model.parameters()) > MAX_PARAMETERS:

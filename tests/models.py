@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 class TinyNet(nn.Module):
@@ -164,3 +165,30 @@ class ExitsNet(TinyNet):
         import sys
 
         sys.exit(0)
+
+
+class ParityNet(nn.Module):
+    """BN before a 1x1 conv, BN after a sum of convs, after a channel concat, a FrozenBatchNorm2d
+    after a bias-free conv, and BatchNorm1d after a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_first = nn.BatchNorm2d(3)
+        self.pointwise = nn.Conv2d(3, 4, 1)
+        self.left = nn.Conv2d(4, 4, 3, padding=1)
+        self.right = nn.Conv2d(4, 4, 1)
+        self.bn_sum = nn.BatchNorm2d(4)
+        self.part_a = nn.Conv2d(4, 2, 1)
+        self.part_b = nn.Conv2d(4, 3, 1, bias=False)
+        self.bn_cat = nn.BatchNorm2d(5)
+        self.plain = nn.Conv2d(5, 5, 3, padding=1, bias=False)
+        self.frozen = FrozenBatchNorm2d(5)
+        self.fc = nn.Linear(5, 6)
+        self.bn_fc = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pointwise(self.bn_first(x))
+        x = torch.relu(self.bn_sum(self.left(x) + self.right(x)))
+        x = torch.relu(self.bn_cat(torch.cat([self.part_a(x), self.part_b(x)], 1)))
+        x = torch.relu(self.frozen(self.plain(x)))
+        return self.bn_fc(self.fc(x.mean((2, 3))))

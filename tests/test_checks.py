@@ -14,50 +14,11 @@ import convfuse
 from convfuse.fold.checks import CHECKS, Candidate, check
 from convfuse.fold.reasons import Reason
 from tests.conftest import norm_names, randomize_bn
+from tests.models import ParityNet
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::DeprecationWarning")
 
 KINDS = ("module", "exported", "torchscript")
-
-
-class ParityNet(nn.Module):
-    """BN before a 1x1 conv, BN after a sum of convs, after a channel concat, a FrozenBatchNorm2d
-    after a bias-free conv, and BatchNorm1d after a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn_first = nn.BatchNorm2d(3)
-        self.pointwise = nn.Conv2d(3, 4, 1)
-        self.left = nn.Conv2d(4, 4, 3, padding=1)
-        self.right = nn.Conv2d(4, 4, 1)
-        self.bn_sum = nn.BatchNorm2d(4)
-        self.part_a = nn.Conv2d(4, 2, 1)
-        self.part_b = nn.Conv2d(4, 3, 1, bias=False)
-        self.bn_cat = nn.BatchNorm2d(5)
-        self.plain = nn.Conv2d(5, 5, 3, padding=1, bias=False)
-        self.frozen = FrozenBatchNorm2d(5)
-        self.fc = nn.Linear(5, 6)
-        self.bn_fc = nn.BatchNorm1d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pointwise(self.bn_first(x))
-        x = torch.relu(self.bn_sum(self.left(x) + self.right(x)))
-        x = torch.relu(self.bn_cat(torch.cat([self.part_a(x), self.part_b(x)], 1)))
-        x = torch.relu(self.frozen(self.plain(x)))
-        return self.bn_fc(self.fc(x.mean((2, 3))))
-
-
-def randomize_frozen(model: nn.Module, seed: int = 0) -> nn.Module:
-    """randomize_bn, and random statistics for every FrozenBatchNorm2d (its buffers)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            n = module.weight.numel()
-            module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.copy_(torch.randn(n, generator=generator))
-            module.running_mean.copy_(torch.randn(n, generator=generator))
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return randomize_bn(model, seed)
 
 
 def as_kind(model: nn.Module, kind: str, x: torch.Tensor):
@@ -225,7 +186,7 @@ def test_the_same_reason_from_every_ir(cls: type[nn.Module], shape: tuple[int, .
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_parity_cases_fold_in_every_ir(kind: str) -> None:
-    model = randomize_frozen(ParityNet(), 4).eval()
+    model = randomize_bn(ParityNet(), 4).eval()
     x = torch.randn(2, 3, 8, 8)
     expected = model(x)
 
@@ -251,7 +212,7 @@ def test_parity_cases_fold_in_every_ir(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_frozen_resnet18_folds_every_norm(kind: str) -> None:
     model = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
-    model = randomize_frozen(model, 5).eval()
+    model = randomize_bn(model, 5).eval()
     x = torch.randn(1, 3, 64, 64)
 
     result = fuse_as(model, kind, x)

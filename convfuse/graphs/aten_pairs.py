@@ -18,7 +18,7 @@ from torch import Tensor, fx
 
 from convfuse.fold.checks import Candidate
 from convfuse.fold.reasons import Combine, Reason
-from convfuse.graphs.pairs import Decomposed, Feed, find_feed, match_frozen
+from convfuse.graphs.pairs import Decomposed, Feed, find_feed, match_frozen, pair_kind
 
 __all__ = ["Norm", "Pair", "describe", "find_norms", "norm_after", "norm_first"]
 
@@ -367,10 +367,4 @@ def _kind(pair: Pair, where: list[tuple[str, str] | None], names: list[str]) -> 
     else:
         classes = [p.target.overloadpacket.__name__ for p in pair.producers]
         norm_class = "batch_norm" if pair.norm.decomposed is None else "frozen_batch_norm"
-    if pair.first:
-        return f"{norm_class}+{classes[0]}"
-    if pair.combine == Combine.SUM:
-        return f"({' + '.join(classes)})+{norm_class}"
-    if pair.combine == Combine.CAT:
-        return f"cat({', '.join(classes)})+{norm_class}"
-    return f"{classes[0]}+{norm_class}"
+    return pair_kind(classes, norm_class, pair.combine, pair.first)

@@ -32,10 +32,8 @@ from torch.export.graph_signature import (
 )
 
 from convfuse.fold.arithmetic import fold_weights
-from convfuse.fold.checks import check
 from convfuse.fold.reasons import Reason, Skipped
 from convfuse.graphs.aten_pairs import (
-    Norm,
     Pair,
     arguments,
     count_norms,
@@ -48,7 +46,8 @@ from convfuse.graphs.aten_pairs import (
     stack,
     transposed,
 )
-from convfuse.report import Count, FusedPair, FuseReport
+from convfuse.graphs.pairs import fold_norms
+from convfuse.report import Count, FuseReport
 
 __all__ = ["fuse_program"]
 
@@ -70,44 +69,19 @@ def fuse_program(program: ExportedProgram) -> tuple[ExportedProgram, FuseReport]
         parameters=Count(_count_parameters(program), 0),
     )
     rewrite = _Rewrite(program)
-    norms = find_norms(rewrite)
-    fused: dict[int, FusedPair] = {}
-    first_reason: dict[int, Skipped] = {}
-    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
-    for find in (norm_after, norm_first):
-        for index, norm in enumerate(norms):
-            if index in fused:
-                continue
-            outcome = _try(rewrite, norm, find)
-            if isinstance(outcome, FusedPair):
-                fused[index] = outcome
-            elif isinstance(outcome, Skipped):
-                (no_pair if outcome.producer is None else first_reason).setdefault(index, outcome)
-    skipped = [
-        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
-        for i, norm in enumerate(norms) if i not in fused
-    ]
+    fused, skipped = fold_norms(
+        find_norms(rewrite),
+        [lambda norm: norm_after(rewrite, norm), lambda norm: norm_first(rewrite, norm)],
+        lambda pair: describe(rewrite, pair),
+        lambda pair: _fold(rewrite, pair),
+    )
     skipped += _in_branches(program)
     result = rewrite.program_after() if fused else program
-    report.fused = [fused[i] for i in sorted(fused)]
+    report.fused = fused
     report.skipped = skipped
     report.norm_layers = Count(report.norm_layers.before, _count_norms(result))
     report.parameters = Count(report.parameters.before, _count_parameters(result))
     return result, report
-
-
-def _try(rewrite: _Rewrite, norm: Norm, find: Any) -> FusedPair | Skipped | None:
-    """Fold ``norm`` with the pair ``find`` gives, or say why not (None: no candidate this way)."""
-    pair = find(rewrite, norm)
-    if pair is None:
-        return None
-    if isinstance(pair, str):
-        return Skipped(norm.name, None, pair)
-    why = check(describe(rewrite, pair))
-    if why is not None:
-        return Skipped(norm.name, pair.producer, why[0], why[1])
-    _fold(rewrite, pair)
-    return FusedPair(pair.producer, norm.name, pair.kind)
 
 
 def _in_branches(program: ExportedProgram) -> list[Skipped]:

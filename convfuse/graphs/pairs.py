@@ -13,12 +13,15 @@ Values are the IR's own (``fx.Node``, ``torch._C.Value``); the view says what ea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from convfuse.fold.reasons import Combine, Reason
+from convfuse.fold.checks import Candidate, check
+from convfuse.fold.reasons import Combine, Reason, Skipped
+from convfuse.report import FusedPair
 
-__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "match_affine", "match_frozen"]
+__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "fold_norms", "match_affine", "match_frozen", "pair_kind"]
 
 
 class GraphView(Protocol):
@@ -201,3 +204,54 @@ def _shift(view: GraphView, shift: Any, scale: Any) -> tuple[Any, Any, list[Any]
         if running_mean is not None and view.key(other) == view.key(scale):
             return bias, running_mean, [shift, product, bias_view, mean_view]
     return None
+
+
+def pair_kind(producers: Sequence[str], norm: str, combine: str, first: bool) -> str:
+    """The report's ``kind`` of a pair, written as the fx path writes it: ``Conv2d+BatchNorm2d``,
+    ``BatchNorm2d+Conv2d`` (norm first), ``(Conv2d + Conv2d)+BatchNorm2d``, ``cat(Conv2d, Conv2d)+BatchNorm2d``."""
+    if first:
+        return f"{norm}+{producers[0]}"
+    if combine == Combine.SUM:
+        return f"({' + '.join(producers)})+{norm}"
+    if combine == Combine.CAT:
+        return f"cat({', '.join(producers)})+{norm}"
+    return f"{producers[0]}+{norm}"
+
+
+def fold_norms(
+    norms: Sequence[Any],
+    finders: Sequence[Callable[[Any], Any]],
+    describe: Callable[[Any], Candidate],
+    fold: Callable[[Any], None],
+) -> tuple[list[FusedPair], list[Skipped]]:
+    """Fold every norm that passes the checks, as the module path does: each norm is first tried
+    with the layers feeding it, then the norms left with the layer reading them (one finder each).
+
+    A finder gives a pair (with ``norm``, ``producer``, ``kind``), a reason string where nothing can
+    pair with the norm that way, or None where that way does not apply. The report keeps, per norm,
+    the first reason a real pair was refused with, else why nothing fed it.
+    """
+    fused: dict[int, FusedPair] = {}
+    first_reason: dict[int, Skipped] = {}
+    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
+    for find in finders:
+        for index, norm in enumerate(norms):
+            if index in fused:
+                continue
+            pair = find(norm)
+            if pair is None:
+                continue
+            if isinstance(pair, str):
+                no_pair.setdefault(index, Skipped(norm.name, None, pair))
+                continue
+            why = check(describe(pair))
+            if why is not None:
+                first_reason.setdefault(index, Skipped(norm.name, pair.producer, why[0], why[1]))
+                continue
+            fold(pair)
+            fused[index] = FusedPair(pair.producer, norm.name, pair.kind)
+    skipped = [
+        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
+        for i, norm in enumerate(norms) if i not in fused
+    ]
+    return [fused[i] for i in sorted(fused)], skipped

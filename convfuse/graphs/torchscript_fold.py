@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from convfuse.fold.arithmetic import fold_weights
-from convfuse.fold.checks import Candidate, check
-from convfuse.fold.reasons import Combine, Reason, Skipped
-from convfuse.graphs.pairs import Decomposed, find_feed, match_affine, match_frozen
+from convfuse.fold.checks import Candidate
+from convfuse.fold.reasons import Combine, Skipped
+from convfuse.graphs.pairs import Decomposed, find_feed, fold_norms, match_affine, match_frozen, pair_kind
 from convfuse.report import FusedPair
 
 __all__ = ["NORM", "PRODUCERS", "fold_graph", "nodes"]
@@ -129,17 +129,10 @@ class _Pair:
     @property
     def kind(self) -> str:
         if all(self.classes) and self.norm.cls:
-            classes, norm = [str(c) for c in self.classes], self.norm.cls
-        else:
-            classes = [p.kind().removeprefix("aten::") for p in self.producers]
-            norm = "batch_norm" if self.norm.decomposed is None else "frozen_batch_norm"
-        if self.first:
-            return f"{norm}+{classes[0]}"
-        if self.combine == Combine.SUM:
-            return f"({' + '.join(classes)})+{norm}"
-        if self.combine == Combine.CAT:
-            return f"cat({', '.join(classes)})+{norm}"
-        return f"{classes[0]}+{norm}"
+            return pair_kind([str(c) for c in self.classes], self.norm.cls, self.combine, self.first)
+        classes = [p.kind().removeprefix("aten::") for p in self.producers]
+        norm = "batch_norm" if self.norm.decomposed is None else "frozen_batch_norm"
+        return pair_kind(classes, norm, self.combine, self.first)
 
 
 def fold_graph(
@@ -148,31 +141,12 @@ def fold_graph(
     """Fold every norm that passes the checks; ``ranks``: the rank of node outputs seen in a run;
     ``module_of(node, stored)``: the module path and class of the call that ran ``node``."""
     view = _View()
-    norms = _find_norms(graph, view, module_of)
-    fused: dict[int, FusedPair] = {}
-    first_reason: dict[int, Skipped] = {}
-    no_pair: dict[int, Skipped] = {}  # why nothing feeds the norm: shown where no layer reads it either
-    for find in (_norm_after, _norm_first):
-        for index, norm in enumerate(norms):
-            if index in fused:
-                continue
-            pair = find(view, norm, module_of)
-            if pair is None:
-                continue
-            if isinstance(pair, str):
-                no_pair.setdefault(index, Skipped(norm.name, None, pair))
-                continue
-            why = check(_describe(view, pair, ranks))
-            if why is not None:
-                first_reason.setdefault(index, Skipped(norm.name, pair.producer, why[0], why[1]))
-                continue
-            _fold(graph, pair)
-            fused[index] = FusedPair(pair.producer, norm.name, pair.kind)
-    skipped = [
-        first_reason.get(i) or no_pair.get(i) or Skipped(norm.name, None, Reason.NO_PRODUCER)
-        for i, norm in enumerate(norms) if i not in fused
-    ]
-    return [fused[i] for i in sorted(fused)], skipped
+    return fold_norms(
+        _find_norms(graph, view, module_of),
+        [lambda norm: _norm_after(view, norm, module_of), lambda norm: _norm_first(view, norm, module_of)],
+        lambda pair: _describe(view, pair, ranks),
+        lambda pair: _fold(graph, pair),
+    )
 
 
 def count_norms(graph: Any, module_of: Callable[[Any, Any], tuple[str, str | None]]) -> int:
