@@ -89,12 +89,16 @@ def test_user_tolerance_overrides_defaults(monkeypatch) -> None:
     model = _model()
     x = torch.randn(2, 3, 16, 16)
     strict = convfuse.fuse(model, x, atol=1.0)  # generous: passes
-    assert strict.report.verification.rule == "user tolerance"
+    assert strict.report.verification.rule == "float64 proof + user tolerance"
     assert strict.report.verification.atol == 1.0
     monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-3))
     with pytest.raises(convfuse.VerificationError):
         convfuse.fuse(model, x, rtol=1e-6)
-    assert convfuse.fuse(model, x, rtol=0.5).report.verification.passed
+    # a user tolerance bounds the check in the model's dtype, not the float64 proof of the fold
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong") as raised:
+        convfuse.fuse(model, x, rtol=0.5)
+    assert raised.value.report.verification.rounding.passed is True
+    assert raised.value.report.verification.proof.passed is False
 
 
 def test_negative_tolerance_is_a_usage_error() -> None:
@@ -109,7 +113,7 @@ def test_verify_false_reports_skipped() -> None:
     assert "not verified" in result.report.summary()
 
 
-@pytest.mark.parametrize("convert", ["_in_float64", "_float64_while_running"])
+@pytest.mark.parametrize("convert", ["in_float64", "float64_while_running"])
 def test_float64_reference_restores_the_model_exactly(convert: str) -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,7 +136,7 @@ def test_float64_reference_falls_back_where_a_forward_reads_another_modules_weig
 
     model = randomize_bn(Reader()).eval()
     batches = [((torch.randn(2, 4),), {})]
-    truth, problem = verify._float64_outputs(model, batches)
+    truth, problem = verify.float64_outputs(model, batches)
     assert problem is None and truth[0].dtype == torch.float64
     assert model.fc.weight.dtype == torch.float32
 
