@@ -143,20 +143,20 @@ def _correct(dtype: torch.dtype, size: int) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 112x112 input for resnet50, and d down to 1e-8 only")
+    parser.add_argument("--quick", action="store_true", help="a 112x112 input for resnet50, and d = 1e-2, 1e-4, 1e-6, 1e-8 only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", metavar="FILE.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     size = 112 if args.quick else 224
-    deltas = DELTAS[:8] if args.quick else DELTAS
+    deltas = DELTAS[1:8:2] if args.quick else DELTAS
     resolution = [[str(dtype).removeprefix("torch."), *_resolution(dtype, deltas)] for dtype in DTYPES]
     correct = [_correct(dtype, size) for dtype in DTYPES]
     text = (
         header(
             "Verification: the smallest mis-fold caught, and a correct fold against the bounds",
-            f"resolution: resnet18 1x3x96x96, {TARGET} folded wrongly by d = 1e-1 .. {deltas[-1]:.0e}; "
+            f"resolution: resnet18 1x3x96x96, {TARGET} folded wrongly by d = {', '.join(f'{d:.0e}' for d in deltas)}; "
             f"correct fold: resnet50 2x3x{size}x{size}",
         )
         + "\n"

@@ -113,6 +113,8 @@ class Tally:
             if self.rule is Rule.ROUNDING and own is not None:
                 difference = max_difference(truth, fused)
                 rtol = ROUNDING_FACTOR * own + tolerance.floor
+                if original.dtype == torch.float64:  # its own truth: float64 rounding, as in the proof
+                    rtol = max(rtol, proof_bound(torch.float64, own))
             elif self.rule is Rule.USER:
                 difference = against_original
                 atol, rtol = self.atol or 0.0, self.rtol or 0.0
