@@ -38,7 +38,6 @@ import torchvision  # noqa: E402
 from _common import emit, header, markdown_table  # noqa: E402
 
 import convfuse  # noqa: E402
-from convfuse.folding import fuse_conv_bn_weights  # noqa: E402
 from convfuse.testing import randomize_bn  # noqa: E402
 
 fuse_module = importlib.import_module("convfuse.fuse")

@@ -17,7 +17,7 @@ from convfuse.patterns import Skipped
 from convfuse.tracing import Untraced
 from convfuse.verify import Verification
 
-__all__ = ["Checkpoint", "Count", "FusedPair", "FuseReport", "Merged", "Replaced", "Strict", "timed"]
+__all__ = ["Checkpoint", "Count", "FuseReport", "FusedPair", "Merged", "Replaced", "Strict", "timed"]
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import convfuse
+
 fuse_module = importlib.import_module("convfuse.fuse")
 from convfuse import verify
 from convfuse.folding import fuse_conv_bn_weights
-
 from tests.conftest import norm_names, randomize_bn
 
 

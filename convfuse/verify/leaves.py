@@ -150,7 +150,10 @@ def _same(a: Any, b: Any) -> bool:
     if structure_difference(a, b) is not None:
         return False
     for (_, x), (_, y) in zip(leaves(a), leaves(b)):
-        if isinstance(x, Tensor) and not torch.equal(x, y):
-            if not (x.is_floating_point() and torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(x.nan_to_num(), y.nan_to_num())):
-                return False
+        if isinstance(x, Tensor) and not torch.equal(x, y) and not _same_with_nan(x, y):
+            return False
     return True
+
+
+def _same_with_nan(x: Tensor, y: Tensor) -> bool:
+    return x.is_floating_point() and torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(x.nan_to_num(), y.nan_to_num())
