@@ -383,7 +383,7 @@ def test_a_correct_fold_passes_the_proof_well_inside_its_bound(dtype) -> None:
     assert v.proof.passed is True and v.rounding.passed is True
     assert v.proof.allowed <= 1e-9
     assert v.proof.error < v.proof.allowed / 4
-    assert v.rule == "float64 proof + 2x the original's rounding error"
+    assert v.rule == f"float64 proof + {verify.ROUNDING_FACTOR:g}x the original's rounding error"
     assert v.rounding.error <= verify.ROUNDING_FACTOR * v.rounding.original_error + verify.tolerance_for(dtype).floor
 
 
