@@ -28,6 +28,7 @@ from convfuse.graphs.reparam import plan_merges
 from convfuse.graphs.tracing import Tracing, trace_model
 from convfuse.inputs import candidate_batches
 from convfuse.report import Count, FusedPair, FuseReport, Merged, timed
+from convfuse.verify import remainders
 
 __all__ = ["FuseResult", "fuse", "fuse_pass"]
 
@@ -115,7 +116,6 @@ def _fuse_module(
     reparam: bool,
 ) -> FuseResult:
     """``fuse`` on an eval-mode module that is convfuse's to change."""
-    user_tolerance = atol is not None or rtol is not None
     with timed(timings, "trace"):
         tracing = _trace(model)
     if not reparam and not find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])[0]:
@@ -123,21 +123,20 @@ def _fuse_module(
     with timed(timings, "reference"):
         if verify:
             parts = _probe_candidates(tracing)
-            reference = verification.record_reference(
-                model, example_inputs, truth=not user_tolerance or bool(parts), probes=parts
-            )
+            reference = verification.record_reference(model, example_inputs, probes=parts)
             batch, observation = reference.batches[0], reference.observation
         else:
             batch, observation = verification.observe(model, example_inputs, _probe_candidates(tracing))
-    report = fuse_pass(model, observation, timings, tracing=tracing)
-    if reparam:
-        with timed(timings, "reparam"):
-            _reparameterise(model, report, observation)
+    with remainders.recording() as kept:  # the folds' float64 rounding remainders, for the proof
+        report = fuse_pass(model, observation, timings, tracing=tracing)
+        if reparam:
+            with timed(timings, "reparam"):
+                _reparameterise(model, report, observation)
     if verify:
         probes = _probes_holding(tracing, report.fused)
         if probes and not all(_has_submodule(model, name) for name in probes):
             probes = None  # a probed part was merged away by reparam
-        verify_fused(report, model, reference, atol=atol, rtol=rtol, probes=probes)
+        verify_fused(report, model, reference, atol=atol, rtol=rtol, probes=probes, remainders=kept)
     return FuseResult(model, report, batch)
 
 
@@ -162,10 +161,14 @@ def verify_fused(
     atol: float | None,
     rtol: float | None,
     probes: list[str] | None = None,
+    remainders: verification.Remainders | None = None,
 ) -> None:
-    """Compare the fused ``model`` with the reference into ``report``; VerificationError if it fails."""
+    """Compare the fused ``model`` with the reference into ``report``; VerificationError if it fails.
+    ``remainders``: the folded weights' rounding remainders, for the float64 proof."""
     with timed(report.timings, "verify"):
-        report.verification = verification.compare(model, reference, atol=atol, rtol=rtol, probes=probes)
+        report.verification = verification.compare(
+            model, reference, atol=atol, rtol=rtol, probes=probes, remainders=remainders
+        )
     if not report.verification.passed:
         raise VerificationError(f"verification failed: {report.verification.message}", report)
 
@@ -340,9 +343,11 @@ def _out_channels(producer: nn.Module) -> int:
 
 def _folded_weights(match: Match, pattern: Pattern, producer: nn.Module, stats: Stats) -> tuple[Tensor, Tensor]:
     groups = getattr(producer, "groups", 1)
+    # a weight an earlier fold of this pass wrote is read at float64 precision (no double rounding)
+    weight, bias = remainders.exact(producer.weight), remainders.exact(producer.bias)
     if match.norm_first:
-        return fuse_bn_conv_weights(producer.weight, producer.bias, *stats, groups=groups)
-    return fuse_conv_bn_weights(producer.weight, producer.bias, *stats, transpose=pattern.transpose, groups=groups)
+        return fuse_bn_conv_weights(weight, bias, *stats, groups=groups)
+    return fuse_conv_bn_weights(weight, bias, *stats, transpose=pattern.transpose, groups=groups)
 
 
 def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
@@ -356,6 +361,8 @@ def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
             )
         else:
             producer.bias.copy_(bias)
+    remainders.keep(producer.weight, weight)
+    remainders.keep(producer.bias, bias)
 
 
 def _replace(facts: Facts, name: str, replacement: nn.Module) -> None:

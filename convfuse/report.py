@@ -17,7 +17,7 @@ from convfuse.fold.reasons import Skipped
 from convfuse.graphs.tracing import Untraced
 from convfuse.verify import Verification
 
-__all__ = ["Checkpoint", "Count", "FusedPair", "FuseReport", "Merged", "Replaced", "Strict", "timed"]
+__all__ = ["Checkpoint", "Count", "FuseReport", "FusedPair", "Merged", "Replaced", "Strict", "timed"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class FuseReport:
         elif v.passed is None:
             text += ", not verified"
         elif v.passed:
-            text += f", verified (max error {v.max_rel_error:.2g} of output scale)"
+            text += f", verified ({_verified_detail(v)})"
         else:
             text += ", VERIFICATION FAILED"
         return text
@@ -202,14 +202,53 @@ def _verification_text(v: Verification) -> Text:
         return Text(f"Verification: FAILED: {v.message}", style="bold red")
     if v.rule == "unchanged":
         return Text(f"Verification: not needed: {v.message}", style="green")
-    allowed = f"rtol {v.rtol:.2g}" + (f", atol {v.atol:.2g}" if v.atol else "")
-    text = (
-        f"Verification: passed on {v.batches} batch{'es' if v.batches != 1 else ''} ({v.rule})\n"
-        f"  max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} (allowed {allowed})"
-    )
+    text = f"Verification: passed on {v.batches} batch{'es' if v.batches != 1 else ''} ({v.rule})"
+    for line in _check_lines(v):
+        text += f"\n  {line}"
     if v.message:  # e.g. verified at the outputs of traced parts
         text += f"\n  {v.message}"
     return Text(text, style="green")
+
+
+def _verified_detail(v: Verification) -> str:
+    """The summary's numbers: each verdict's error and allowed value, both of its worst output."""
+    parts = []
+    if v.proof is not None and v.proof.passed:
+        parts.append(f"fold exact in float64: {v.proof.error:.2g} <= {v.proof.allowed:.2g}")
+    if v.rounding is not None and v.rounding.worst_output is not None:
+        parts.append(f"dtype error {v.rounding.error:.2g} of output scale <= {v.rounding.allowed:.2g}")
+    return "; ".join(parts) or f"max error {v.max_rel_error:.2g} of output scale"
+
+
+def _check_lines(v: Verification) -> list[str]:
+    """What was compared, and one line per verdict with the error and allowed value of its worst output."""
+    lines = []
+    if v.inputs:
+        shapes = ", ".join("x".join(map(str, shape)) for shape in v.inputs)
+        lines.append(f"inputs {shapes} ({'inferred' if v.inputs_inferred else 'given'})")
+    if v.compared:
+        counts = ", ".join(f"{path} {count:,}" for path, count in v.compared.items())
+        lines.append(f"finite elements compared: {counts}" + (f" (probed: {', '.join(v.probed)})" if v.probed else ""))
+    proof = v.proof
+    if proof is not None and proof.passed is None:
+        lines.append(f"float64 proof: not run ({proof.note})")
+    elif proof is not None:
+        lines.append(
+            f"float64 proof: {proof.error:.3g} of output scale at {proof.worst_output} (allowed {proof.allowed:.3g}, "
+            f"ratio {proof.ratio:.2g}, {proof.batches} batch{'es' if proof.batches != 1 else ''})"
+        )
+    rounding = v.rounding
+    if rounding is not None and rounding.worst_output is not None:
+        own = (
+            f", original's own {rounding.original_error:.3g}, {rounding.error / rounding.original_error:.2g}x"
+            if rounding.original_error else ""
+        )
+        lines.append(
+            f"check in the model's dtype: {rounding.error:.3g} of output scale at "
+            f"{rounding.worst_output}{own} (allowed {rounding.allowed:.3g}, ratio {rounding.ratio:.2g})"
+        )
+    lines.append(f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} against the original")
+    return lines
 
 
 @contextmanager

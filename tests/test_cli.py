@@ -495,9 +495,8 @@ def test_verification_failure_leaves_the_input_with_overwrite_input(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.usefixtures("wrong_fold")
 def test_user_tolerance_decides(tmp_path):
-    """The same wrong fold passes when the user allows a large absolute error."""
+    """A user's tolerance bounds the check in the model's dtype."""
     source = tiny_file(tmp_path)
     target = tmp_path / "fused.pt"
     report = tmp_path / "report.json"
@@ -510,6 +509,19 @@ def test_user_tolerance_decides(tmp_path):
     assert verification["atol"] == 0.5 and verification["rtol"] == 0
     assert 0 < verification["max_abs_error"] <= 0.5
     assert target.exists()
+
+
+@pytest.mark.usefixtures("wrong_fold")
+def test_user_tolerance_does_not_excuse_a_wrong_fold(tmp_path):
+    """The float64 proof judges the fold itself, whatever tolerance the dtype check is given."""
+    source = tiny_file(tmp_path)
+    target = tmp_path / "fused.pt"
+
+    result = invoke(source, "-o", target, "--input-shape", SHAPE, "--atol", "0.5", "--rtol", "0")
+
+    assert result.exit_code == 1, result.output
+    assert "the fold is wrong" in result.output
+    assert not target.exists()
 
 
 @pytest.mark.usefixtures("wrong_fold")

@@ -53,7 +53,7 @@ EXPECTED = {
         "VerificationError for a model whose output changes between calls:",
         "passed=False, rule='nondeterministic'",
         "VerificationError for a correct fold with zero tolerance:",
-        "passed=False, rule='user tolerance'",
+        "passed=False, rule='float64 proof + user tolerance'",
         "saved and loaded ApiNet from fused.pt: outputs match the original's",
     ],
     "untraceable_model.py": [

@@ -89,12 +89,16 @@ def test_user_tolerance_overrides_defaults(monkeypatch) -> None:
     model = _model()
     x = torch.randn(2, 3, 16, 16)
     strict = convfuse.fuse(model, x, atol=1.0)  # generous: passes
-    assert strict.report.verification.rule == "user tolerance"
+    assert strict.report.verification.rule == "float64 proof + user tolerance"
     assert strict.report.verification.atol == 1.0
     monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-3))
     with pytest.raises(convfuse.VerificationError):
         convfuse.fuse(model, x, rtol=1e-6)
-    assert convfuse.fuse(model, x, rtol=0.5).report.verification.passed
+    # a user tolerance bounds the check in the model's dtype, not the float64 proof of the fold
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong") as raised:
+        convfuse.fuse(model, x, rtol=0.5)
+    assert raised.value.report.verification.rounding.passed is True
+    assert raised.value.report.verification.proof.passed is False
 
 
 def test_negative_tolerance_is_a_usage_error() -> None:
@@ -109,7 +113,7 @@ def test_verify_false_reports_skipped() -> None:
     assert "not verified" in result.report.summary()
 
 
-@pytest.mark.parametrize("convert", ["_in_float64", "_float64_while_running"])
+@pytest.mark.parametrize("convert", ["in_float64", "float64_while_running"])
 def test_float64_reference_restores_the_model_exactly(convert: str) -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,7 +136,7 @@ def test_float64_reference_falls_back_where_a_forward_reads_another_modules_weig
 
     model = randomize_bn(Reader()).eval()
     batches = [((torch.randn(2, 4),), {})]
-    truth, problem = verify._float64_outputs(model, batches)
+    truth, problem = verify.float64_outputs(model, batches)
     assert problem is None and truth[0].dtype == torch.float64
     assert model.fc.weight.dtype == torch.float32
 
@@ -319,3 +323,184 @@ def test_discontinuous_outputs_are_verified_at_the_traced_parts_on_their_inputs(
     monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-4))
     with pytest.raises(convfuse.VerificationError, match="backbone|head"):
         convfuse.fuse(model, x)
+
+
+# -- the float64 proof, the rounding check, and what was compared ---------------------------
+
+
+def _scaled_by(relative: float, what: str):
+    """A folding function whose float64 result is wrong by ``relative`` of the layer's own
+    magnitude: the weight scaled by (1 + relative), or the bias shifted by relative x max|bias|."""
+
+    def wrong(*args, **kwargs):
+        weight, bias = fuse_conv_bn_weights(*args, **kwargs)
+        if what == "weight":
+            return weight * (1 + relative), bias
+        return weight, bias + relative * bias.abs().max()
+
+    return wrong
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("what", ["weight", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_mis_fold_of_one_millionth_in_the_arithmetic_fails_in_every_dtype(monkeypatch, dtype, what) -> None:
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, what))
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong") as raised:
+        convfuse.fuse(_model(dtype), torch.randn(2, 3, 16, 16).to(dtype))
+    v = raised.value.report.verification
+    assert v.proof.passed is False and v.proof.error > v.proof.allowed
+    assert v.rtol == v.proof.allowed and v.worst_output == v.proof.worst_output  # one number per verdict
+
+
+@pytest.mark.parametrize("what", ["weight", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_unit_of_rounding_wrong_at_the_write_step_fails_in_every_dtype(monkeypatch, dtype, what) -> None:
+    """An error at the write step that survives rounding (here: every element one unit of
+    rounding off, the smallest such error of the whole tensor; one element alone may sit in a
+    channel that a ReLU zeroes for every input) shows in the float64 proof: the remainders come
+    from the computed fold, not from what was written."""
+    write = fuse_module._write
+
+    def wrong_write(producer, weight, bias):
+        write(producer, weight, bias)
+        tensor = producer.weight if what == "weight" else producer.bias
+        with torch.no_grad():
+            tensor.copy_(torch.nextafter(tensor, tensor + torch.sign(tensor)))
+
+    monkeypatch.setattr(fuse_module, "_write", wrong_write)
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong") as raised:
+        convfuse.fuse(_model(dtype), torch.randn(2, 3, 16, 16).to(dtype))
+    assert raised.value.report.verification.proof.passed is False
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_a_correct_fold_passes_the_proof_well_inside_its_bound(dtype) -> None:
+    result = convfuse.fuse(_model(dtype), torch.randn(2, 3, 16, 16).to(dtype))
+    v = result.report.verification
+    assert v.proof.passed is True and v.rounding.passed is True
+    assert v.proof.allowed <= 1e-9
+    assert v.proof.error < v.proof.allowed / 4
+    assert v.rule == f"float64 proof + {verify.ROUNDING_FACTOR:g}x the original's rounding error"
+    assert v.rounding.error <= verify.ROUNDING_FACTOR * v.rounding.original_error + verify.tolerance_for(dtype).floor
+
+
+class Chaotic(nn.Module):
+    """conv-BN-sin(8x) six times: float32 rounding error grows to ~2e-3 of the output's scale."""
+
+    def __init__(self, depth: int = 6, channels: int = 8) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels if i else 3, channels, 3, padding=1) for i in range(depth))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(depth))
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.sin(8.0 * bn(conv(x)))
+        return x
+
+
+def _chaotic() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(Chaotic()).eval()
+
+
+def test_a_chaotic_model_with_an_exact_fold_passes(monkeypatch) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    v = convfuse.fuse(_chaotic(), x).report.verification
+    assert v.passed is True
+    assert v.rounding.original_error > verify.tolerance_for(torch.float32).cap  # the old rule refused this
+    assert v.proof.passed is True
+    # and it still catches a wrong fold: the proof's bound grows with the model's amplification only
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, "bias"))
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong"):
+        convfuse.fuse(_chaotic(), x)
+
+
+class Vanishing(nn.Module):
+    """A conv-BN pair whose result never reaches the output: NaN, nothing, or a constant."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.mode = mode
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.mode == "nan":
+            return y * float("nan")
+        if self.mode == "empty":
+            return y[:, :0], y.flatten()[:0]
+        return self.bn(self.conv(torch.ones_like(x)))
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [("nan", "empty or non-finite"), ("empty", "empty or non-finite"), ("constant", "same for every batch")],
+)
+def test_outputs_that_are_no_evidence_never_pass(mode, why) -> None:
+    model = randomize_bn(Vanishing(mode)).eval()
+    with pytest.raises(convfuse.VerificationError, match=f"nothing to compare: .*{why}.*--input-shape") as raised:
+        convfuse.fuse(model, torch.randn(2, 3, 8, 8))
+    v = raised.value.report.verification
+    assert v.passed is False
+    if mode != "constant":
+        assert not any(v.compared.values())
+
+
+def test_a_nan_float16_model_is_not_verified() -> None:
+    model = randomize_bn(Vanishing("nan")).eval().half()
+    with pytest.raises(convfuse.VerificationError, match="nothing to compare"):
+        convfuse.fuse(model, torch.randn(2, 3, 8, 8).half())
+
+
+class NoDetections(nn.Module):
+    """Untraceable root over a traced backbone; its "detections" above a threshold are none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > -1e30:  # data-dependent control flow: the root is not traceable
+            features = self.backbone(x)
+        scores = features.flatten(1)
+        return scores[scores > 1e9]
+
+
+def test_empty_final_outputs_fall_back_to_the_traced_parts(monkeypatch) -> None:
+    model = randomize_bn(NoDetections()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    v = convfuse.fuse(model, x).report.verification
+    assert v.passed is True
+    assert v.probed == ["backbone"]
+    assert v.compared["output"] == 0 and v.compared["backbone()"] == 3 * 2 * 8 * 8 * 8
+    assert "no evidence" in v.message
+    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, "weight"))
+    with pytest.raises(convfuse.VerificationError, match="backbone"):
+        convfuse.fuse(model, x)
+
+
+def test_the_report_says_what_was_compared() -> None:
+    result = convfuse.fuse(_model(), convfuse.InputSpec(shapes=((2, 3, 12, 12),)))
+    data = result.report.to_dict()["verification"]
+    assert {"passed", "max_abs_error", "max_rel_error", "atol", "rtol"} <= data.keys()  # DESIGN.md keys
+    assert data["inputs"] == [[2, 3, 12, 12]] and data["inputs_inferred"] is False
+    assert data["compared"] == {"output": 3 * 2 * 8 * 6 * 6}  # 3 batches of (2, 8, 6, 6)
+    assert data["probed"] == []
+    assert data["proof"]["passed"] is True and data["proof"]["batches"] == verify.PROOF_BATCHES
+    assert data["rounding"]["passed"] is True and data["rounding"]["batches"] == 3
+    assert data["rounding"]["original_error"] > 0
+    inferred = convfuse.fuse(randomize_bn(nn.Sequential(nn.Linear(7, 4), nn.BatchNorm1d(4))).eval())
+    assert inferred.report.to_dict()["verification"]["inputs_inferred"] is True
+
+
+def test_without_remainders_the_fallback_rule_applies_and_says_so() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    reference = verify.record_reference(model, x)
+    result = verify.compare(model, reference)  # no remainders: e.g. TorchScript, ExportedProgram
+    assert result.passed is True
+    assert result.proof.passed is None and "remainders" in result.proof.note
+    assert "no float64 proof" in result.rule

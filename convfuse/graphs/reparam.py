@@ -26,6 +26,7 @@ from convfuse.fold.table import PATTERNS, has_hooks, is_norm, is_producer, overr
 from convfuse.graphs.fx_match import is_add, real_users, sum_terms, through_identities
 from convfuse.graphs.fx_pairs import Observation
 from convfuse.graphs.tracing import trace_model
+from convfuse.verify import remainders
 
 __all__ = ["Merge", "plan_merges"]
 
@@ -220,6 +221,8 @@ def _merged_conv(branches: list[_Branch], convs: list[nn.Module]) -> nn.Module |
     with torch.no_grad():
         merged.weight = nn.Parameter(weight.to(largest.weight.dtype), requires_grad=largest.weight.requires_grad)
         merged.bias = nn.Parameter(bias.to(largest.weight.dtype), requires_grad=largest.weight.requires_grad)
+    remainders.keep(merged.weight, weight)
+    remainders.keep(merged.bias, bias)
     return merged
 
 
@@ -237,11 +240,12 @@ def _branch_weights(
         scale, shift = bn_scale_shift(*branch.stats)
         return weight * scale.reshape(-1, *([1] * (len(kernel) + 1))), shift
     conv = branch.conv
+    conv_w, conv_b = remainders.exact(conv.weight), remainders.exact(conv.bias)  # as folded, in float64
     if branch.stats is not None:
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, *branch.stats, groups=conv.groups)
+        weight, bias = fuse_conv_bn_weights(conv_w, conv_b, *branch.stats, groups=conv.groups)
     else:
-        weight = conv.weight.double()
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros(out_channels, dtype=torch.float64, device=device)
+        weight = conv_w.double()
+        bias = conv_b.double() if conv_b is not None else torch.zeros(out_channels, dtype=torch.float64, device=device)
     padding: list[int] = []
     for k, target in zip(reversed(conv.kernel_size), reversed(kernel)):
         padding += [(target - k) // 2] * 2
