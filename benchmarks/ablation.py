@@ -36,7 +36,7 @@ from convfuse.fold.reasons import Combine, Reason
 from convfuse.fold.table import is_norm
 from convfuse.testing import randomize_bn  # noqa: E402
 
-fuse_module = importlib.import_module("convfuse.fuse")
+fuse_module = importlib.import_module("convfuse.graphs.fx_fold")
 matching = importlib.import_module("convfuse.graphs.fx_match")
 
 TIMM = [

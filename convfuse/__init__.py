@@ -1,6 +1,7 @@
 """convfuse: fold BatchNorm into the convolutions and linear layers beside it, and prove the
 fused model computes what the original computed before anything is saved."""
 
+from convfuse.api import fuse
 from convfuse.errors import (
     CheckFailed,
     ConvfuseError,
@@ -15,8 +16,7 @@ from convfuse.errors import (
 )
 from convfuse.files import Loaded, load, load_file, save
 from convfuse.fold.reasons import Reason, Skipped
-from convfuse.fuse import FuseResult, fuse
-from convfuse.report import FusedPair, FuseReport
+from convfuse.report import FusedPair, FuseReport, FuseResult
 from convfuse.structure import apply_fused_structure
 from convfuse.verify import InputSpec, Verification
 

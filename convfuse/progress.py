@@ -1,17 +1,18 @@
 """Step notifications: the library says when each step of a run starts and ends; a listener shows them.
 
-The library never writes to the terminal (only ``cli.py`` does): the command line installs a
-listener for the run, and every ``report.timed`` step calls it. Without one, nothing happens.
+The library never writes to the terminal (only ``convfuse.cli`` does): the command line installs a
+listener for the run, and every ``timed`` step calls it. Without one, nothing happens.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["Listener", "finished", "listening", "started"]
+__all__ = ["Listener", "finished", "listening", "started", "timed"]
 
 
 class Listener(Protocol):
@@ -43,3 +44,17 @@ def finished(step: str, seconds: float) -> None:
     listener = _LISTENER.get()
     if listener is not None:
         listener.finished(step, seconds)
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[name]`` (seconds), telling the
+    progress listener when the step starts and when it has succeeded."""
+    start = time.perf_counter()
+    started(name)
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + seconds
+    finished(name, seconds)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+from torch import nn
 
-from convfuse import progress
 from convfuse.fold.reasons import Skipped
 from convfuse.graphs.tracing import Untraced
+from convfuse.inputs import Batch
 from convfuse.verify import Verification
 
-__all__ = ["Checkpoint", "Count", "FuseReport", "FusedPair", "Merged", "Replaced", "Strict", "timed"]
+__all__ = ["Checkpoint", "Count", "FuseReport", "FusedPair", "Merged", "FuseResult", "Replaced", "Strict"]
 
 
 @dataclass(frozen=True)
@@ -251,15 +249,11 @@ def _check_lines(v: Verification) -> list[str]:
     return lines
 
 
-@contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the ``with`` block to ``timings[name]`` (seconds), telling the
-    progress listener (``convfuse.progress``) when the step starts and when it has succeeded."""
-    start = time.perf_counter()
-    progress.started(name)
-    try:
-        yield
-    finally:
-        seconds = time.perf_counter() - start
-        timings[name] = timings.get(name, 0.0) + seconds
-    progress.finished(name, seconds)
+@dataclass
+class FuseResult:
+    """The fused model (the user's class) and the report of what was done."""
+
+    model: nn.Module
+    report: FuseReport
+    example_inputs: Batch | None = None
+    """The (args, kwargs) the model was verified on first; None where no inputs were available."""

@@ -458,7 +458,7 @@ def test_report_says_whether_strict_passed_and_what_was_written(tmp_path):
 @pytest.fixture
 def wrong_fold(monkeypatch):
     """Make every Conv+BN fold slightly wrong, as a bug in the math would."""
-    fuse_module = importlib.import_module("convfuse.fuse")  # the package's `fuse` is the function
+    fuse_module = importlib.import_module("convfuse.graphs.fx_fold")
 
     real = fuse_module.fuse_conv_bn_weights
 
@@ -883,7 +883,7 @@ def test_arch_factory_in_the_current_folder_needs_pythonpath(tmp_path):
 @pytest.fixture
 def internal_bug(monkeypatch):
     """Make the library fail with an exception that is not a ConvfuseError, as a bug would."""
-    fuse_module = importlib.import_module("convfuse.fuse")  # the package's `fuse` is the function
+    fuse_module = importlib.import_module("convfuse.api")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")

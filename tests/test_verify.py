@@ -14,7 +14,7 @@ from torch import nn
 
 import convfuse
 
-fuse_module = importlib.import_module("convfuse.fuse")
+fuse_module = importlib.import_module("convfuse.graphs.fx_fold")
 from convfuse import verify
 from convfuse.fold.arithmetic import fuse_conv_bn_weights
 from tests.conftest import norm_names, randomize_bn

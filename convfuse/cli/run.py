@@ -11,7 +11,8 @@ from rich.console import Console
 
 from convfuse import progress
 from convfuse.errors import CheckFailed, StrictError, TrainingModeError, UsageError
-from convfuse.report import Checkpoint, FuseReport, Strict, timed
+from convfuse.progress import timed
+from convfuse.report import Checkpoint, FuseReport, Strict
 
 if TYPE_CHECKING:  # pragma: no cover
     from convfuse.files import Loaded
@@ -40,8 +41,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def run(options: dict[str, Any], out: Console) -> None:
     from convfuse import files
+    from convfuse.api import fuse
     from convfuse.files.formats import check_format
-    from convfuse.fuse import fuse
     from convfuse.verify import InputSpec
 
     source: Path | None = options["input"]

@@ -20,9 +20,10 @@ from convfuse.errors import InputError, LoadError, SaveError, first_line
 from convfuse.files.archives import ArchiveError, open_archive, vet_exported
 from convfuse.files.formats import quiet, refusal
 from convfuse.files.trust import Refused
-from convfuse.fuse import FuseResult, verify_fused
 from convfuse.graphs.aten_rewrite import fuse_program
-from convfuse.report import timed
+from convfuse.progress import timed
+from convfuse.report import FuseResult
+from convfuse.verify.verdict import verify_fused
 
 __all__ = ["fuse_exported", "load_exported", "to_exported"]
 

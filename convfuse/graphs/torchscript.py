@@ -28,9 +28,10 @@ from torch import Tensor
 
 from convfuse import verify as verification
 from convfuse.errors import InputError, TrainingModeError
-from convfuse.fuse import FuseResult, verify_fused
 from convfuse.graphs.torchscript_fold import NORM, count_norms, fold_graph, nodes
-from convfuse.report import Count, FuseReport, timed
+from convfuse.progress import timed
+from convfuse.report import Count, FuseReport, FuseResult
+from convfuse.verify.verdict import verify_fused
 
 __all__ = ["fuse_scripted"]
 

@@ -9,11 +9,12 @@ the probes passing on exactly the inputs their originals saw proves the whole. N
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from convfuse.errors import UsageError, first_line
+from convfuse.errors import UsageError, VerificationError, first_line
+from convfuse.progress import timed
 from convfuse.verify.float64 import float64_outputs
 from convfuse.verify.leaves import (
     evidence,
@@ -35,6 +36,9 @@ from convfuse.verify.result import (
 )
 from convfuse.verify.running import call
 from convfuse.verify.tally import Rule, Tally
+
+if TYPE_CHECKING:  # pragma: no cover
+    from convfuse.report import FuseReport
 
 __all__ = ["PROOF_BATCHES", "compare"]
 
@@ -280,3 +284,23 @@ def _discontinuous(reference: Reference) -> bool:
             if relative_difference(exact, original.double()) > tolerance_for(original.dtype).cap:
                 return True
     return False
+
+
+def verify_fused(
+    report: FuseReport,
+    model: Any,
+    reference: Reference,
+    *,
+    atol: float | None,
+    rtol: float | None,
+    probes: list[str] | None = None,
+    remainders: Remainders | None = None,
+) -> None:
+    """Compare the fused ``model`` with the reference into ``report``; VerificationError if it fails.
+    ``remainders``: the folded weights' rounding remainders, for the float64 proof."""
+    with timed(report.timings, "verify"):
+        report.verification = compare(
+            model, reference, atol=atol, rtol=rtol, probes=probes, remainders=remainders
+        )
+    if not report.verification.passed:
+        raise VerificationError(f"verification failed: {report.verification.message}", report)
