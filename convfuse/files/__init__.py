@@ -7,6 +7,7 @@ checkpoint keeps its model, and atomic writes of the fused one.
     trust        the allow list: which names a file may use, decided before anything is imported
     unpickler    the restricted unpickler torch.load runs with
     graph        the check of the object graph a file built, before anything runs on it
+    bounds       tensor views must fit their storages
     archives     zip archives as torch reads them, size caps, ExportedProgram vetting
     checkpoints  training frameworks' checkpoint dicts; writeback puts the fused model back in them
     architectures  --arch: torchvision names, timm:NAME, package.module:factory
