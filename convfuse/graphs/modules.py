@@ -16,10 +16,11 @@ from torch import nn
 
 from convfuse import verify as verification
 from convfuse.errors import TrainingModeError, UsageError
+from convfuse.fold.reasons import Skipped
 from convfuse.fold.table import is_norm, is_producer
 from convfuse.graphs.fx_fold import fold_all, left_unfused, set_submodule
 from convfuse.graphs.fx_match import find_matches
-from convfuse.graphs.fx_pairs import Facts, Observation
+from convfuse.graphs.fx_pairs import Facts, Match, Observation
 from convfuse.graphs.reparam import plan_merges
 from convfuse.graphs.tracing import Tracing, trace_model
 from convfuse.inputs import candidate_batches
@@ -71,8 +72,9 @@ def _fuse_module(
     """``fuse`` on an eval-mode module that is convfuse's to change."""
     with timed(timings, "trace"):
         tracing = _trace(model)
-    if not reparam and not find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])[0]:
-        return _unchanged(model, example_inputs, timings, tracing, verify)
+    found = find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])  # read-only: once per fuse
+    if not reparam and not found[0]:
+        return _unchanged(model, example_inputs, timings, tracing, found, verify)
     with timed(timings, "reference"):
         if verify:
             parts = _probe_candidates(tracing)
@@ -81,7 +83,7 @@ def _fuse_module(
         else:
             batch, observation = verification.observe(model, example_inputs, _probe_candidates(tracing))
     with remainders.recording() as kept:  # the folds' float64 rounding remainders, for the proof
-        report = fuse_pass(model, observation, timings, tracing=tracing)
+        report = fuse_pass(model, observation, timings, tracing=tracing, found=found)
         if reparam:
             with timed(timings, "reparam"):
                 _reparameterise(model, report, observation)
@@ -93,10 +95,13 @@ def _fuse_module(
     return FuseResult(model, report, batch)
 
 
-def _unchanged(model: nn.Module, example_inputs: Any, timings: dict[str, float], tracing: Tracing, verify: bool) -> FuseResult:
+def _unchanged(
+    model: nn.Module, example_inputs: Any, timings: dict[str, float], tracing: Tracing,
+    found: tuple[list[Match], list[Skipped]], verify: bool
+) -> FuseResult:
     """The result where no BatchNorm has a foldable neighbour: the report says why for each,
     and nothing needs running, since nothing changes."""
-    report = fuse_pass(model, None, timings, tracing=tracing)
+    report = fuse_pass(model, None, timings, tracing=tracing, found=found)
     assert not report.fused
     if verify:
         report.verification = verification.Verification(
@@ -165,12 +170,14 @@ def fuse_pass(
     timings: dict[str, float] | None = None,
     *,
     tracing: Tracing | None = None,
+    found: tuple[list[Match], list[Skipped]] | None = None,
 ) -> FuseReport:
     """Trace, match, check, fold and rewrite ``model`` in place; verification is the caller's.
 
     ``observation`` (calls and input shapes from a real forward pass) lets the checks see
     what tracing cannot: a module called again from untraced code, a Linear's input rank.
-    ``tracing``: the model's graphs where the caller traced it already.
+    ``tracing``: the model's graphs where the caller traced it already; ``found``: what
+    ``find_matches`` gave on them, where the caller looked already.
     """
     timings = {} if timings is None else timings
     report = FuseReport(
@@ -181,7 +188,7 @@ def fuse_pass(
         with timed(timings, "trace"):
             tracing = _trace(model)
     with timed(timings, "fold"):
-        matches, unmatched = find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])
+        matches, unmatched = found or find_matches(tracing.graphs, model, [u.module for u in tracing.untraced])
         facts = Facts.gather(model, tracing.graphs, observation, tracing.uses)
         fused, rejected = fold_all(matches, facts)
     report.fused = fused
