@@ -40,7 +40,8 @@ from _common import emit, header, markdown_table  # noqa: E402
 import convfuse  # noqa: E402
 from convfuse.testing import randomize_bn  # noqa: E402
 
-fuse_module = importlib.import_module("convfuse.fuse")
+arithmetic = importlib.import_module("convfuse.fold.arithmetic")  # the fold math
+fx_fold = importlib.import_module("convfuse.graphs.fx_fold")  # the write step
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DELTAS = tuple(10.0 ** -k for k in range(1, 11))
@@ -70,7 +71,7 @@ def _caught(dtype: torch.dtype, where: str, what: str, d: float, x: torch.Tensor
     model = randomize_bn(torchvision.models.resnet18()).eval().to(dtype)
     target = model.get_submodule(TARGET)
     survived = [where == "arithmetic"]
-    original_fold, original_write = fuse_module.fuse_conv_bn_weights, fuse_module._write
+    original_fold, original_write = arithmetic.fuse_conv_bn_weights, fx_fold._write
 
     def wrong_fold(conv_w, *args, **kwargs):
         weight, bias = original_fold(conv_w, *args, **kwargs)
@@ -86,16 +87,15 @@ def _caught(dtype: torch.dtype, where: str, what: str, d: float, x: torch.Tensor
                 producer.bias.copy_(b)
             survived[0] = not (torch.equal(before[0], producer.weight) and torch.equal(before[1], producer.bias))
 
-    fuse_module.fuse_conv_bn_weights, fuse_module._write = wrong_fold if where == "arithmetic" else original_fold, (
-        wrong_write if where == "write" else original_write
-    )
+    arithmetic.fuse_conv_bn_weights = wrong_fold if where == "arithmetic" else original_fold
+    fx_fold._write = wrong_write if where == "write" else original_write
     try:
         convfuse.fuse(model, x.to(dtype), inplace=True)
         caught = False
     except convfuse.VerificationError:
         caught = True
     finally:
-        fuse_module.fuse_conv_bn_weights, fuse_module._write = original_fold, original_write
+        arithmetic.fuse_conv_bn_weights, fx_fold._write = original_fold, original_write
     return caught, survived[0]
 
 

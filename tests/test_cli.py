@@ -458,15 +458,15 @@ def test_report_says_whether_strict_passed_and_what_was_written(tmp_path):
 @pytest.fixture
 def wrong_fold(monkeypatch):
     """Make every Conv+BN fold slightly wrong, as a bug in the math would."""
-    fuse_module = importlib.import_module("convfuse.graphs.fx_fold")
+    arithmetic = importlib.import_module("convfuse.fold.arithmetic")
 
-    real = fuse_module.fuse_conv_bn_weights
+    real = arithmetic.fuse_conv_bn_weights
 
     def fold(*args, **kwargs):
         weight, bias = real(*args, **kwargs)
         return weight, bias + 1e-3 * (bias.abs().max() + 1)
 
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", fold)
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", fold)
 
 
 @pytest.mark.usefixtures("wrong_fold")

@@ -15,6 +15,7 @@ from torch import nn
 import convfuse
 
 fuse_module = importlib.import_module("convfuse.graphs.fx_fold")
+arithmetic = importlib.import_module("convfuse.fold.arithmetic")
 from convfuse import verify
 from convfuse.fold.arithmetic import fuse_conv_bn_weights
 from tests.conftest import norm_names, randomize_bn
@@ -71,7 +72,7 @@ def test_correct_fold_passes_default_tolerance(dtype: torch.dtype) -> None:
 )
 def test_slightly_wrong_fold_fails_default_tolerance(monkeypatch, dtype, relative) -> None:
     """Errors far below a fixed 1e-3 check are still caught: they exceed the model's own noise."""
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(relative))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _off_by(relative))
     model = _model(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(convfuse.VerificationError, match="differs from the original") as raised:
@@ -91,7 +92,7 @@ def test_user_tolerance_overrides_defaults(monkeypatch) -> None:
     strict = convfuse.fuse(model, x, atol=1.0)  # generous: passes
     assert strict.report.verification.rule == "float64 proof + user tolerance"
     assert strict.report.verification.atol == 1.0
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-3))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _off_by(1e-3))
     with pytest.raises(convfuse.VerificationError):
         convfuse.fuse(model, x, rtol=1e-6)
     # a user tolerance bounds the check in the model's dtype, not the float64 proof of the fold
@@ -173,7 +174,7 @@ def test_nested_outputs_compare_every_leaf(monkeypatch) -> None:
     result = convfuse.fuse(model, x)
     assert result.report.verification.passed
     assert len(result.report.fused) == 1
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-2))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _off_by(1e-2))
     with pytest.raises(convfuse.VerificationError) as raised:
         convfuse.fuse(model, x)
     assert "output[" in raised.value.report.verification.worst_output or "output[" in str(raised.value)
@@ -320,7 +321,7 @@ def test_discontinuous_outputs_are_verified_at_the_traced_parts_on_their_inputs(
     assert "on their recorded inputs" in v.rule
     assert "not continuous" in v.message
     assert norm_names(result.model) == set()
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _off_by(1e-4))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _off_by(1e-4))
     with pytest.raises(convfuse.VerificationError, match="backbone|head"):
         convfuse.fuse(model, x)
 
@@ -347,7 +348,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("what", ["weight", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_mis_fold_of_one_millionth_in_the_arithmetic_fails_in_every_dtype(monkeypatch, dtype, what) -> None:
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, what))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _scaled_by(1e-6, what))
     with pytest.raises(convfuse.VerificationError, match="the fold is wrong") as raised:
         convfuse.fuse(_model(dtype), torch.randn(2, 3, 16, 16).to(dtype))
     v = raised.value.report.verification
@@ -413,7 +414,7 @@ def test_a_chaotic_model_with_an_exact_fold_passes(monkeypatch) -> None:
     assert v.rounding.original_error > verify.tolerance_for(torch.float32).cap  # the old rule refused this
     assert v.proof.passed is True
     # and it still catches a wrong fold: the proof's bound grows with the model's amplification only
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, "bias"))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _scaled_by(1e-6, "bias"))
     with pytest.raises(convfuse.VerificationError, match="the fold is wrong"):
         convfuse.fuse(_chaotic(), x)
 
@@ -477,7 +478,7 @@ def test_empty_final_outputs_fall_back_to_the_traced_parts(monkeypatch) -> None:
     assert v.probed == ["backbone"]
     assert v.compared["output"] == 0 and v.compared["backbone()"] == 3 * 2 * 8 * 8 * 8
     assert "no evidence" in v.message
-    monkeypatch.setattr(fuse_module, "fuse_conv_bn_weights", _scaled_by(1e-6, "weight"))
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _scaled_by(1e-6, "weight"))
     with pytest.raises(convfuse.VerificationError, match="backbone"):
         convfuse.fuse(model, x)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from convfuse.fold.arithmetic import fuse_bn_conv_weights, fuse_conv_bn_weights
-from convfuse.fold.norms import NormFold, NormNotFoldable, analyse_norm
-from convfuse.fold.proofs import Stats, norm_proven, producer_proven
-from convfuse.fold.reasons import Combine, Reason, Skipped
-from convfuse.fold.table import Pattern, is_norm, overrides_forward
+from convfuse.fold.arithmetic import fold_weights, split_stats
+from convfuse.fold.norms import NormNotFoldable, analyse_norm
+from convfuse.fold.proofs import norm_proven, producer_proven
+from convfuse.fold.reasons import Reason, Skipped
+from convfuse.fold.table import is_norm, overrides_forward
 from convfuse.graphs.fx_pairs import Facts, Match, why_skipped
 from convfuse.report import FusedPair
 from convfuse.verify import remainders
@@ -62,13 +62,22 @@ def _try_fold(match: Match, facts: Facts) -> Skipped | None:
         return Skipped(match.norm, match.producer, Reason.NORM_DOES_MORE_BEFORE)
     if norm_custom and not norm_proven(norm, fold, _seen_shape(facts, match.norm)):
         return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
+    producers = [facts.modules[name] for name in match.producers]
+    stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
+    folded = fold_weights(
+        # a weight an earlier fold of this pass wrote is read at float64 precision (no double rounding)
+        [(remainders.exact(p.weight), remainders.exact(p.bias), pattern.transpose, getattr(p, "groups", 1))
+         for p, pattern in zip(producers, match.patterns)],
+        stats, combine=match.combine, norm_first=match.norm_first,
+    )
+    sizes = [_out_channels(producer) for producer in producers]
     updates = []
-    for index, (name, pattern) in enumerate(zip(match.producers, match.patterns)):
-        producer = facts.modules[name]
-        stats = _stats_for(match, index, fold, facts)
-        weight, bias = _folded_weights(match, pattern, producer, stats)
+    for index, (name, pattern, producer, (weight, bias)) in enumerate(
+        zip(match.producers, match.patterns, producers, folded)
+    ):
         if overrides_forward(producer, pattern.producer) and not producer_proven(
-            producer, stats, weight, bias, norm_first=match.norm_first, shape=_seen_shape(facts, name)
+            producer, split_stats(stats, index, match.combine, sizes), weight, bias,
+            norm_first=match.norm_first, shape=_seen_shape(facts, name),
         ):
             return Skipped(match.norm, match.producer, Reason.NOT_PROVEN)
         updates.append((producer, weight, bias))
@@ -78,34 +87,8 @@ def _try_fold(match: Match, facts: Facts) -> Skipped | None:
     return None
 
 
-def _stats_for(match: Match, index: int, fold: NormFold, facts: Facts) -> Stats:
-    """The part of the norm that producer ``index`` absorbs.
-
-    A sum's terms are all scaled, but only the first takes the shift; a concatenation's parts
-    each take their own channel slice.
-    """
-    stats = (fold.running_mean, fold.running_var, fold.eps, fold.weight, fold.bias)
-    if match.combine == Combine.SUM and index > 0:
-        return torch.zeros_like(fold.running_mean), fold.running_var, fold.eps, fold.weight, None
-    if match.combine == Combine.CAT:
-        sizes = [_out_channels(facts.modules[name]) for name in match.producers]
-        start = sum(sizes[:index])
-        part = slice(start, start + sizes[index])
-        return tuple(t[part] if isinstance(t, Tensor) else t for t in stats)  # type: ignore[return-value]
-    return stats
-
-
 def _out_channels(producer: nn.Module) -> int:
     return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-
-
-def _folded_weights(match: Match, pattern: Pattern, producer: nn.Module, stats: Stats) -> tuple[Tensor, Tensor]:
-    groups = getattr(producer, "groups", 1)
-    # a weight an earlier fold of this pass wrote is read at float64 precision (no double rounding)
-    weight, bias = remainders.exact(producer.weight), remainders.exact(producer.bias)
-    if match.norm_first:
-        return fuse_bn_conv_weights(weight, bias, *stats, groups=groups)
-    return fuse_conv_bn_weights(weight, bias, *stats, transpose=pattern.transpose, groups=groups)
 
 
 def _write(producer: nn.Module, weight: Tensor, bias: Tensor) -> None:
