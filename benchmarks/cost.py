@@ -97,7 +97,7 @@ _IMPORTS = textwrap.dedent(
                 return int(line.split()[1]) / 1024
     import torch, torchvision
     before, start = rss_mb(), time.perf_counter()
-    import convfuse.cli, convfuse.fuse, convfuse.files
+    import convfuse.cli, convfuse.api, convfuse.files
     print(json.dumps({"seconds": time.perf_counter() - start, "mb": rss_mb() - before}))
     """
 )
