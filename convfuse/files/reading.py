@@ -87,12 +87,7 @@ def load_file(
     if fmt == "safetensors":
         return find_model(path, read_safetensors(path), arch=arch, prefix=prefix, fmt=fmt)
     obj = _load_pickle(path, trust=trust, policy=policy, map_location=map_location)
-    try:
-        return find_model(path, obj, arch=arch, prefix=prefix)
-    except LoadError as error:
-        if _names_main(error):
-            raise LoadError(f"{error}; {_MAIN_HINT}") from error
-        raise
+    return find_model(path, obj, arch=arch, prefix=prefix)
 
 
 def _load_torchscript(path: Path, *, trust: bool, map_location: Any) -> torch.jit.ScriptModule:
@@ -153,10 +148,9 @@ class _Unmapped(io.BufferedReader):
 
 
 def _main_hint(error: BaseException) -> str:
-    if isinstance(error, AttributeError) and "__main__" in str(error):
-        return (" (the model's class was defined in the script that saved it, __main__, which this "
-                "process does not have: move the class into a module and import it there)")
-    return ""
+    """The way out where torch's full unpickler looked for the model's class in ``__main__``: a class
+    defined in the script that saved the file, which no other program has."""
+    return f"; {_MAIN_HINT}" if isinstance(error, AttributeError) and "__main__" in str(error) else ""
 
 
 _MAIN_HINT = (
@@ -164,8 +158,3 @@ _MAIN_HINT = (
     "move the class into a module, make that importable (PYTHONPATH=. for this folder) and save the model again, "
     "or save its state_dict and use --arch module:factory"
 )
-
-
-def _names_main(error: LoadError) -> bool:
-    """torch's full unpickler looking up a class in the running program's ``__main__``."""
-    return isinstance(error.__cause__, AttributeError) and "__main__" in str(error.__cause__)
