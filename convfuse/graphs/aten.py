@@ -1,5 +1,5 @@
 """ExportedProgram (``torch.export``, ``.pt2``): loading without running code from the file,
-fusing (the graph rewrite itself is in ``exported_rewrite``) with verification against the original
+fusing (the graph rewrite itself is in ``aten_rewrite``) with verification against the original
 program, and exporting a fused ``nn.Module`` for saving."""
 
 from __future__ import annotations

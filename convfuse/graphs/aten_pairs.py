@@ -3,7 +3,7 @@ FrozenBatchNorm2d's decomposed mul/add) with the conv/linear outputs it reads (d
 or concatenated on the channels) or the conv/linear that reads it (norm first), described as a
 ``checks.Candidate`` for the shared table of checks.
 
-``rewrite`` arguments are an ``exported_rewrite._Rewrite``: the working copy whose names,
+``rewrite`` arguments are an ``aten_rewrite._Rewrite``: the working copy whose names,
 stored tensors, mutations and preserved boundaries the description reads.
 """
 
@@ -84,7 +84,7 @@ def stack(node: fx.Node) -> tuple[str, str] | None:
 
 
 class _View:
-    """``graph_pairs.GraphView`` of an ATen graph."""
+    """``pairs.GraphView`` of an ATen graph."""
 
     def __init__(self, rewrite: Any) -> None:
         self.rewrite = rewrite

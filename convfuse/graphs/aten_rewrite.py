@@ -1,4 +1,4 @@
-"""The BatchNorm fold on an ExportedProgram's ATen graph: the pairs ``exported_pairs`` finds,
+"""The BatchNorm fold on an ExportedProgram's ATen graph: the pairs ``aten_pairs`` finds,
 judged by the shared table of checks (``convfuse.fold.checks``), folded into a new program.
 
 The fold rewrites a copy of the program's graph rather than re-exporting ``program.module()``:

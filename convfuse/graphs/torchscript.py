@@ -1,6 +1,6 @@
 """TorchScript (``torch.jit.save`` archives): fold BatchNorm into the conv/linear layers beside it
 in a frozen copy of the module, one call site at a time, with convfuse's float64 math (the pairs
-and the fold are in ``scripted_fold``, judged by the shared ``convfuse.fold.checks``).
+and the fold are in ``torchscript_fold``, judged by the shared ``convfuse.fold.checks``).
 
 Why freeze rather than rewrite the module tree: in TorchScript, modules of the same class and
 configuration share one type and one compiled ``forward``, so a graph edit made for one instance

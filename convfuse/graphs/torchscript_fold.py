@@ -50,7 +50,7 @@ def constant(value: Any) -> Any:
 
 
 class _View:
-    """``graph_pairs.GraphView`` of a frozen TorchScript graph."""
+    """``pairs.GraphView`` of a frozen TorchScript graph."""
 
     def op(self, value: Any) -> str | None:
         kind = value.node().kind()
