@@ -505,3 +505,74 @@ def test_without_remainders_the_fallback_rule_applies_and_says_so() -> None:
     assert result.passed is True
     assert result.proof.passed is None and "remainders" in result.proof.note
     assert "no float64 proof" in result.rule
+
+
+class _Part(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ThresholdAfterPart(nn.Module):
+    """A traced part (conv+bn), then unchanged code that thresholds its output, as a detector's
+    proposal selection does: a rounding-level change of one value flips a 0/1 output. The root's
+    data-dependent branch keeps it from being traced whole, so the part is traced (and probed) alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part = _Part()
+        self.threshold = 0.0
+
+    def forward(self, x):
+        y = self.part(x)
+        if x.sum() > -1e9:  # data-dependent: the root is not traceable
+            return (y > self.threshold).to(y.dtype)
+        return y
+
+
+def _threshold_model_and_input():
+    """The model with its threshold set between the original's and the fused model's float32 value
+    of one element (the original agreeing with float64 there): only rounding separates them."""
+    torch.manual_seed(3)
+    model = randomize_bn(ThresholdAfterPart(), 3).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused = convfuse.fuse(model, x, verify=False).model
+    with torch.no_grad():
+        original, refolded = model.part(x), fused.part(x)
+        exact = model.double().part(x.double())
+        model.float()
+    for o, f, e in zip(original.flatten().tolist(), refolded.flatten().tolist(), exact.flatten().tolist()):
+        if f != o and (f - e) * (o - e) >= 0 and abs(f - e) > abs(o - e):  # the fused value is further out
+            model.threshold = (f + (o if abs(o - e) > 0 else e)) / 2
+            return model, x
+    pytest.skip("no element where rounding separates the fused value from the original")
+
+
+def test_an_exact_fold_whose_final_outputs_amplify_rounding_is_judged_on_the_part() -> None:
+    """The float64 proof passes on the final outputs, the dtype check fails there only because
+    unchanged code after the part flips on rounding: the part, which holds every fused pair, is
+    compared instead on the inputs it saw (detection models' case, fasterrcnn_resnet50_fpn)."""
+    model, x = _threshold_model_and_input()
+    with torch.no_grad():
+        flipped = (convfuse.fuse(model, x, verify=False).model(x) != model(x)).sum().item()
+    assert flipped >= 1  # the final outputs really differ in the dtype
+    result = convfuse.fuse(model, x)
+    v = result.report.verification
+    assert v.passed and v.probed == ["part"] and v.proof.passed
+    assert "amplify the dtype's rounding" in v.message
+
+
+def test_a_wrong_fold_behind_such_outputs_still_fails(monkeypatch) -> None:
+    """The part is judged instead only where the float64 proof passed on the final outputs: a fold
+    wrong enough to change them fails (one too small to change a 0/1 output on any input tried is
+    invisible there, as it is to any comparison of final outputs)."""
+    model, x = _threshold_model_and_input()
+    monkeypatch.setattr(arithmetic, "fuse_conv_bn_weights", _off_by(0.3))
+    with torch.no_grad():
+        assert (convfuse.fuse(model, x, verify=False).model(x) != model(x)).sum().item() > 1
+    with pytest.raises(convfuse.VerificationError, match="the fold is wrong"):
+        convfuse.fuse(model, x)

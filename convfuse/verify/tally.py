@@ -155,6 +155,12 @@ class Tally:
                 f"precision) differs from the original at {self.worst} by {error}; float64 rounding "
                 f"allows {self.allowed:.3g}"
             )
+        if self.rule is Rule.ROUNDING and self.own is None:  # judged by the fixed tolerance there
+            return (
+                f"the fused model differs from the original at {self.worst} by {error}, which has no "
+                f"float64 truth to measure rounding against; allowed: {self.allowed:.3g}; give atol=/rtol= "
+                "(--atol/--rtol) to accept it"
+            )
         if self.rule is Rule.ROUNDING:
             return (
                 f"the fused model's {dtype_name} rounding error at {self.worst} is {error} against "
