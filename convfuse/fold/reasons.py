@@ -3,9 +3,10 @@ shared words of every graph kind (fx, TorchScript, ATen)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Combine", "Reason"]
+__all__ = ["Combine", "Reason", "Skipped", "pair_kind"]
 
 
 class Reason:
@@ -61,6 +62,21 @@ class Combine:
     SUM = "sum"  # norm(producer_a(x) + producer_b(y) + ...)
     CAT = "cat"  # norm(torch.cat([producer_a(x), producer_b(y), ...], dim=1))
     RESHAPE = "reshape"  # norm(producer(x).flatten(0, 1)), the channel axis kept
+
+
+def pair_kind(producers: Sequence[str], norm: str, combine: str, first: bool) -> str:
+    """The report's ``kind`` of a pair, the same words in every graph kind: ``Conv2d+BatchNorm2d``,
+    ``BatchNorm2d+Conv2d`` (norm first), ``(Conv2d + Conv2d)+BatchNorm2d``, ``cat(Conv2d, Conv2d)+BatchNorm2d``,
+    ``Linear+reshape+BatchNorm1d``."""
+    if first:
+        return f"{norm}+{producers[0]}"
+    if combine == Combine.SUM:
+        return f"({' + '.join(producers)})+{norm}"
+    if combine == Combine.CAT:
+        return f"cat({', '.join(producers)})+{norm}"
+    if combine == Combine.RESHAPE:
+        return f"{producers[0]}+reshape+{norm}"
+    return f"{producers[0]}+{norm}"
 
 
 @dataclass(frozen=True)

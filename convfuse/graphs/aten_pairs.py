@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, fx
 
 from convfuse.fold.checks import Candidate
-from convfuse.fold.reasons import Combine, Reason
-from convfuse.graphs.pairs import Decomposed, Feed, find_feed, match_frozen, pair_kind
+from convfuse.fold.reasons import Combine, Reason, pair_kind
+from convfuse.graphs.pairs import Decomposed, Feed, find_feed, match_frozen
 
 __all__ = ["Norm", "Pair", "describe", "find_norms", "norm_after", "norm_first"]
 

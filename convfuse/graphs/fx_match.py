@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from convfuse.fold.reasons import Combine, Reason, Skipped
+from convfuse.fold.reasons import Combine, Reason, Skipped, pair_kind
 from convfuse.fold.table import Pattern, find_pattern, is_norm, is_producer, own_hooks
 from convfuse.graphs.fx_pairs import Match
 from convfuse.graphs.tracing import TracedGraph
@@ -218,18 +218,6 @@ def _crossed(traced: TracedGraph, nodes: list[fx.Node], pair: set[str]) -> tuple
     return tuple(sorted(crossed))
 
 
-def _kind(combine: str, producers: list[nn.Module], norm: nn.Module) -> str:
-    names = [type(p).__name__ for p in producers]
-    norm_name = type(norm).__name__
-    if combine == Combine.SUM:
-        return f"({' + '.join(names)})+{norm_name}"
-    if combine == Combine.CAT:
-        return f"cat({', '.join(names)})+{norm_name}"
-    if combine == Combine.RESHAPE:
-        return f"{names[0]}+reshape+{norm_name}"
-    return f"{names[0]}+{norm_name}"
-
-
 def _candidates(
     traced: TracedGraph, modules: dict[str, nn.Module], norm_node: fx.Node
 ) -> tuple[list[Match], tuple[str, str | None]]:
@@ -254,7 +242,7 @@ def _candidates(
                 producers=names,
                 patterns=tuple(p for p in patterns if p is not None),
                 norm=norm_name,
-                kind=_kind(feed.combine, layers, norm),
+                kind=pair_kind([type(p).__name__ for p in layers], type(norm).__name__, feed.combine, False),
                 users=max(real_users(node) for node in feed.between),
                 extra_arguments=extra,
                 combine=feed.combine,
@@ -272,7 +260,7 @@ def _candidates(
                 producers=(consumer_name,),
                 patterns=(pattern,),
                 norm=norm_name,
-                kind=f"{type(norm).__name__}+{type(consumer).__name__}",
+                kind=pair_kind([type(consumer).__name__], type(norm).__name__, Combine.DIRECT, True),
                 users=len(users),
                 extra_arguments=extra,
                 crossed=_crossed(traced, [norm_node, users[0]], {consumer_name, norm_name}),

@@ -21,7 +21,7 @@ from convfuse.fold.checks import Candidate, check
 from convfuse.fold.reasons import Combine, Reason, Skipped
 from convfuse.report import FusedPair
 
-__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "fold_norms", "match_affine", "match_frozen", "pair_kind"]
+__all__ = ["Decomposed", "Feed", "GraphView", "find_feed", "fold_norms", "match_affine", "match_frozen"]
 
 
 class GraphView(Protocol):
@@ -204,18 +204,6 @@ def _shift(view: GraphView, shift: Any, scale: Any) -> tuple[Any, Any, list[Any]
         if running_mean is not None and view.key(other) == view.key(scale):
             return bias, running_mean, [shift, product, bias_view, mean_view]
     return None
-
-
-def pair_kind(producers: Sequence[str], norm: str, combine: str, first: bool) -> str:
-    """The report's ``kind`` of a pair, written as the fx path writes it: ``Conv2d+BatchNorm2d``,
-    ``BatchNorm2d+Conv2d`` (norm first), ``(Conv2d + Conv2d)+BatchNorm2d``, ``cat(Conv2d, Conv2d)+BatchNorm2d``."""
-    if first:
-        return f"{norm}+{producers[0]}"
-    if combine == Combine.SUM:
-        return f"({' + '.join(producers)})+{norm}"
-    if combine == Combine.CAT:
-        return f"cat({', '.join(producers)})+{norm}"
-    return f"{producers[0]}+{norm}"
 
 
 def fold_norms(

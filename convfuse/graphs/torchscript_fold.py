@@ -16,8 +16,8 @@ from torch import Tensor
 
 from convfuse.fold.arithmetic import fold_weights
 from convfuse.fold.checks import Candidate
-from convfuse.fold.reasons import Combine, Skipped
-from convfuse.graphs.pairs import Decomposed, find_feed, fold_norms, match_affine, match_frozen, pair_kind
+from convfuse.fold.reasons import Combine, Skipped, pair_kind
+from convfuse.graphs.pairs import Decomposed, find_feed, fold_norms, match_affine, match_frozen
 from convfuse.report import FusedPair
 
 __all__ = ["NORM", "PRODUCERS", "fold_graph", "nodes"]
